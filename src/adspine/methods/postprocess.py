@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -32,21 +30,16 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA, truncate: fl
     return x.squeeze(1)
 
 
+def _reflect_index(n: int, r: int, device) -> torch.Tensor:
+    """Indices of a length-n axis padded by r on both sides, scipy 'reflect' style (period 2n, any r)."""
+    i = torch.arange(-r, n + r, device=device) % (2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
 def _symmetric_pad(x: torch.Tensor, r: int) -> torch.Tensor:
     h, w = x.shape[-2:]
-    if r > min(h, w):  # tiny maps: repeat padding in steps
-        steps = math.ceil(r / min(h, w))
-        for _ in range(steps):
-            x = _symmetric_pad(x, min(r, *x.shape[-2:]))
-        hh, ww = x.shape[-2:]
-        ph, pw = (hh - h - 2 * r) // 2, (ww - w - 2 * r) // 2
-        return x[..., ph : ph + h + 2 * r, pw : pw + w + 2 * r]
-    left = x[..., :, :r].flip(-1)
-    right = x[..., :, w - r :].flip(-1)
-    x = torch.cat([left, x, right], dim=-1)
-    top = x[..., :r, :].flip(-2)
-    bottom = x[..., h - r :, :].flip(-2)
-    return torch.cat([top, x, bottom], dim=-2)
+    x = x.index_select(-1, _reflect_index(w, r, x.device))
+    return x.index_select(-2, _reflect_index(h, r, x.device))
 
 
 def patch_scores_to_map(
