@@ -1,7 +1,31 @@
-"""CLI command: report (filled in by its owner)."""
+"""CLI command: ``adspine report --db results.sqlite --out DIR [--budget-ms MS]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def report(
+    db: Path = typer.Option(..., "--db", help="SQLite results store written by `adspine study`."),
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for report.html, tables, plots and examples."),
+    budget_ms: Optional[float] = typer.Option(
+        None, "--budget-ms", help="Latency budget per image (backbone at batch 1 + method) for the recommendation."
+    ),
+) -> None:
+    """Write tables (Markdown, LaTeX, CSV), plots, example overlays, a recommendation and a self-contained HTML."""
+    from adspine.report.build import ReportError, build_report
+
+    try:
+        path = build_report(db, out, budget_ms=budget_ms)
+    except ReportError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(path))
+
+
 def register(app: typer.Typer) -> None:
     """Add this concern's commands to the main app."""
+    app.command("report")(report)
