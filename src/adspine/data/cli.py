@@ -1,5 +1,108 @@
-"""CLI commands of this concern (filled in by its owner)."""
+"""``adspine data``: synthetic generator, magnetic tile adapter, dataset summary."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True)
+from adspine.data.images import DatasetError
+
+app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic generator, magnetic tile adapter, summaries.")
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable)
+
+
+def one_line_errors(func: F) -> F:
+    """Turn a DatasetError into one red line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except DatasetError as exc:
+            err_console.print(f"[red]error: {escape(str(exc))}[/red]")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@one_line_errors
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (absent or empty).")],
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    size: Annotated[int, typer.Option(help="Side of the stored square images, pixels.")] = 128,
+    n_train: Annotated[int, typer.Option(help="train/good images per category.")] = 24,
+    n_test_good: Annotated[int, typer.Option(help="test/good images per category.")] = 8,
+    n_per_defect: Annotated[int, typer.Option(help="Test images per defect type and category.")] = 4,
+    category: Annotated[list[str] | None, typer.Option(help="Only this category (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic dataset in --out.")] = False,
+) -> None:
+    """Generate the synthetic MVTec-format dataset (3 textures, 2 objects, exact masks), deterministic by seed."""
+    from adspine.data.synth import generate
+
+    start = time.perf_counter()
+    root = generate(out, seed=seed, size=size, n_train=n_train, n_test_good=n_test_good,
+                    n_per_defect=n_per_defect, categories=category or None, overwrite=overwrite)
+    images = sum(1 for p in root.rglob("*.png") if "ground_truth" not in p.parts)
+    console.print(f"wrote {images} images to {escape(str(root))} (seed {seed}) in {time.perf_counter() - start:.1f} s")
+
+
+@app.command("magnetic-tile")
+@one_line_errors
+def magnetic_tile(
+    out: Annotated[Path, typer.Option("--out", help="Output folder, outside the repository (absent or empty).")],
+    src: Annotated[Path, typer.Option("--src", help="The magnetic tile dataset (MT_*/Imgs).")] = Path(
+        "../shared/data/magnetic-tile"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 1024,
+    train_fraction: Annotated[float, typer.Option(help="Share of MT_Free used as train/good.")] = 0.6,
+    n_train: Annotated[int | None, typer.Option(help="train/good count (overrides --train-fraction).")] = None,
+    limit_per_class: Annotated[int | None, typer.Option(help="Keep only N images per source folder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier conversion in --out.")] = False,
+) -> None:
+    """Convert the magnetic tile dataset into one MVTec-format category `magnetic_tile` (+ split.json)."""
+    import json
+
+    from adspine.data.magnetic_tile import SPLIT_FILE, convert
+
+    root = convert(src, out, seed=seed, train_fraction=train_fraction, n_train=n_train,
+                   limit_per_class=limit_per_class, overwrite=overwrite)
+    counts = json.loads((root / SPLIT_FILE).read_text())["counts"]
+    text = ", ".join(f"{k} {v}" for k, v in counts.items())
+    console.print(f"wrote {escape(str(root))}/magnetic_tile (seed {seed}): {text}")
+
+
+@app.command()
+@one_line_errors
+def summary(
+    root: Annotated[Path, typer.Argument(help="Dataset root holding <category>/train, <category>/test.")],
+    quick: Annotated[bool, typer.Option(help="Skip decoding every image (headers only).")] = False,
+) -> None:
+    """Per category: counts per split and defect type, and image sizes (validates the dataset)."""
+    from adspine.data.summary import dataset_name, size_text, summarize
+
+    rows = summarize(root, verify=not quick)
+    name = dataset_name(root)
+    table = Table(title=f"{escape(str(root))}" + (f" ({escape(name)})" if name else ""), show_edge=False)
+    for column in ("category", "kind", "train", "test\ngood", "test\ndefective", "defect types", "image size\n(WxH)"):
+        numeric = column.startswith(("train", "test"))
+        wrap = column.startswith("image")
+        table.add_column(
+            column, justify="right" if numeric else "left", no_wrap=not wrap, min_width=9 if wrap else None
+        )
+    for row in rows:
+        defects = "\n".join(f"{d} {n}" for d, n in row["defects"].items())
+        table.add_row(row["category"], row["kind"] or "-", str(row["train"]), str(row["test_good"]),
+                      str(row["test_defective"]), escape(defects), size_text(row))
+    console.print(table)
