@@ -1,5 +1,81 @@
-"""CLI commands of this concern (filled in by its owner)."""
+"""``adspine backbones``: list the registry, show a variant's layer shapes (random init on the meta device)."""
+
+from __future__ import annotations
+
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, help="The backbone registry: list variants, show layer shapes.")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    err_console.print(f"[red]error: {escape(str(msg))}[/red]")
+    return typer.Exit(2)
+
+
+def _offline_here(spec) -> str:
+    from adspine.backbones.init import InitError, weights_location
+
+    try:
+        loc = weights_location(spec)
+    except InitError:
+        return "no"
+    return ("packaged" if spec.source == "offline" else "cached") if loc.cached else "no"
+
+
+@app.command("list")
+def list_cmd(family: Annotated[str | None, typer.Option(help="Only this family (case-insensitive).")] = None) -> None:
+    """Every registry variant: layers, dim a, d, weight tags (top-1 %) and whether weights are available here.
+
+    ``*`` after dim a: measured here (not stated by the study); after d: chosen here (rule of thumb); after a tag:
+    the default ``imagenet`` tag.
+    """
+    from adspine.backbones.registry import list_specs, weight_tags
+
+    try:
+        specs = list_specs(family)
+    except KeyError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"{len(specs)} backbones")
+    for col in ("name", "family", "source", "thesis layers", "dim a", "d", "weights (top-1 %)", "offline here"):
+        table.add_column(col, no_wrap=col not in ("thesis layers", "weights (top-1 %)"), overflow="fold")
+    for s in specs:
+        tags = ", ".join(f"{t}{'*' if t == s.default_tag else ''}" + (f" ({a:.2f})" if a is not None else "")
+                         for t, a in weight_tags(s).items())
+        table.add_row(s.name, s.family, s.source, ", ".join(s.thesis), f"{s.dim_a}{'' if s.dim_a_stated else '*'}",
+                      f"{s.d if s.d is not None else 'none'}{'*' if s.d_chosen_here else ''}", tags, _offline_here(s))
+    console.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Registry name, e.g. resnet18.")],
+    size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    layers: Annotated[str, typer.Option(help="'thesis', 'stride' or comma-separated module names.")] = "thesis",
+) -> None:
+    """Shape and measured stride of each chosen layer for a SIZE x SIZE input (meta device: no weights, no compute)."""
+    from adspine.backbones.extractor import LayerError, probe, resolve_layers
+    from adspine.backbones.registry import get_spec
+
+    try:
+        spec = get_spec(name)
+        outputs = probe(spec, size)
+        names = resolve_layers(spec, layers, outputs)
+    except (KeyError, LayerError) as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"{spec.name} ({spec.family}, {spec.source}) at {size} x {size}, layers={layers}")
+    for col in ("layer", "channels", "height x width", "stride"):
+        table.add_column(col)
+    for n in names:
+        o = outputs[n]
+        table.add_row(n, str(o.shape[1]), f"{o.shape[2]} x {o.shape[3]}", str(o.stride))
+    console.print(table)
+    total = sum(outputs[n].shape[1] for n in names)
+    console.print(f"dim a = {total} (registry thesis dim a = {spec.dim_a}), default d = {spec.d}")
