@@ -60,6 +60,16 @@ def test_fake_conversion_split_masks_and_empty_masks(fake, tmp_path):
     assert meta["name"] == "magnetic-tile" and "Visual Computer" in meta["citation"]
 
 
+def test_n_test_good_caps_good_test_images_and_keeps_every_defect(fake, tmp_path):
+    full = json.loads((convert(fake, tmp_path / "full", seed=3, n_train=5) / "split.json").read_text())
+    capped = json.loads((convert(fake, tmp_path / "cap", seed=3, n_train=5, n_test_good=2) / "split.json").read_text())
+    assert capped["files"]["train/good"] == full["files"]["train/good"]
+    assert len(capped["files"]["test/good"]) == 2 and set(capped["files"]["test/good"]) < set(full["files"]["test/good"])
+    assert capped["counts"]["test/crack"] == 3 and capped["n_test_good"] == 2
+    with pytest.raises(DatasetError, match="n_test_good=6"):
+        convert(fake, tmp_path / "bad", seed=3, n_train=5, n_test_good=6)
+
+
 def test_split_depends_on_seed_only(fake, tmp_path):
     files = []
     for seed, name in ((1, "a"), (1, "b"), (2, "c")):

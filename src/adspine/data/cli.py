@@ -69,6 +69,7 @@ def magnetic_tile(
     train_fraction: Annotated[float, typer.Option(help="Share of MT_Free used as train/good.")] = 0.6,
     n_train: Annotated[int | None, typer.Option(help="train/good count (overrides --train-fraction).")] = None,
     limit_per_class: Annotated[int | None, typer.Option(help="Keep only N images per source folder.")] = None,
+    n_test_good: Annotated[int | None, typer.Option(help="test/good count (default: all MT_Free not in train).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier conversion in --out.")] = False,
 ) -> None:
     """Convert the magnetic tile dataset into one MVTec-format category `magnetic_tile` (+ split.json)."""
@@ -77,7 +78,7 @@ def magnetic_tile(
     from adspine.data.magnetic_tile import SPLIT_FILE, convert
 
     root = convert(src, out, seed=seed, train_fraction=train_fraction, n_train=n_train,
-                   limit_per_class=limit_per_class, overwrite=overwrite)
+                   limit_per_class=limit_per_class, overwrite=overwrite, n_test_good=n_test_good)
     counts = json.loads((root / SPLIT_FILE).read_text())["counts"]
     text = ", ".join(f"{k} {v}" for k, v in counts.items())
     console.print(f"wrote {escape(str(root))}/magnetic_tile (seed {seed}): {text}")

@@ -73,11 +73,13 @@ def convert(
     n_train: int | None = None,
     limit_per_class: int | None = None,
     overwrite: bool = False,
+    n_test_good: int | None = None,
 ) -> Path:
     """Convert the dataset at ``src`` into ``out/magnetic_tile`` (+ ``adspine_dataset.json``, ``split.json``).
 
     ``n_train`` (a count) overrides ``train_fraction`` of MT_Free for train/good; ``limit_per_class`` keeps only that
-    many images per source folder (a seeded choice, for quick tests). Everything is validated (images and masks fully
+    many images per source folder (a seeded choice, for quick tests); ``n_test_good`` keeps only the next that many
+    MT_Free images of the same seeded permutation as test/good (default: all the rest), to bound a study's cost. Everything is validated (images and masks fully
     decoded, sizes compared) before anything is written. Returns ``out``.
     """
     src, out = Path(src), Path(out)
@@ -104,11 +106,15 @@ def convert(
     count = n_train if n_train is not None else round(train_fraction * len(free))
     if not 1 <= count < len(free):
         raise DatasetError(f"n_train={count}: must be between 1 and {len(free) - 1} (MT_Free has {len(free)} images)")
+    if n_test_good is not None and not 1 <= n_test_good <= len(free) - count:
+        raise DatasetError(f"n_test_good={n_test_good}: must be between 1 and {len(free) - count} "
+                           f"(MT_Free has {len(free)} images, {count} of them for training)")
     order = rng.permutation(len(free))
     train_idx = set(order[:count].tolist())
+    test_idx = set(order[count:count + n_test_good].tolist() if n_test_good else order[count:].tolist())
     splits: dict[str, list[tuple[Path, Path]]] = {
         "train/good": [p for i, p in enumerate(free) if i in train_idx],
-        "test/good": [p for i, p in enumerate(free) if i not in train_idx],
+        "test/good": [p for i, p in enumerate(free) if i in test_idx],
     }
     for name, found in pairs.items():
         if name != GOOD_FOLDER:
@@ -159,6 +165,7 @@ def convert(
         "train_fraction": None if n_train is not None else train_fraction,
         "n_train": count,
         "limit_per_class": limit_per_class,
+        "n_test_good": len(splits["test/good"]),
         "mask_threshold": "> 127 (stored as 0/255 PNG)",
         "counts": {split: len(found) for split, found in splits.items()},
         "empty_masks": empty_masks,
