@@ -56,7 +56,9 @@ def library_versions() -> dict[str, str]:
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    # hash the tensor's buffer in place: .tobytes() would copy it (GBs for a WRN50 PaDiM model)
+    arr = t.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(memoryview(arr.reshape(-1)).cast("B")).hexdigest()
 
 
 class AnomalyMethod:
