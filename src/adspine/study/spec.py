@@ -1,0 +1,249 @@
+"""Study specification: a YAML file (or a shipped preset) validated with pydantic v2.
+
+Every error is one line ``FILE: field.path: message``. Relative dataset roots are resolved against the current
+working directory (``--data-root`` replaces the root of the spec's dataset).
+
+Seeds: ``init_seed`` seeds random initializations; ``rd_seeds`` are the Rd channel-selection seeds given to every
+method that takes an ``rd_seed`` setting (one result per seed, so reports can show mean and std); methods that draw no
+Rd (no ``rd_seed`` setting, or ``d`` is None / >= dim a) run once and are stored with ``rd_seed`` NULL; ``seed`` is
+passed to methods that take a ``seed`` or ``coreset_seed`` setting (CFLOW's init, PatchCore's coreset start) unless
+their settings name one. A method ``d`` left out (or ``default``) is the registry's default d of each backbone; a
+method ``device`` left out is the spec's device. Every seed used is written into each result's provenance.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RANDOM_SCHEMES = ("random", "kaiming_normal", "xavier_uniform", "orthogonal")
+_INIT_RE = re.compile(r"^(imagenet(:[\w.\-]+)?|random|kaiming_normal|xavier_uniform|orthogonal|file:.+)$")
+
+
+class SpecError(ValueError):
+    """An invalid study specification; the message is one line naming the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    root: str
+    name: str | None = None  # default: folder name of the root
+    categories: Literal["all"] | list[str] = "all"
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.root).name
+
+
+def _check_init(v: str) -> str:
+    if not _INIT_RE.match(v):
+        raise ValueError(
+            f"unknown init '{v}'; valid: imagenet, imagenet:TAG, {', '.join(RANDOM_SCHEMES)}, file:PATH"
+        )
+    return v
+
+
+InitStr = Annotated[str, AfterValidator(_check_init)]
+
+
+class BackboneGroup(_Strict):
+    """Registry names or ``family:NAME`` entries sharing a layer preset and (optionally) their own inits."""
+
+    names: list[str] = Field(min_length=1)
+    layers: Literal["thesis", "stride"] | list[str] = "thesis"
+    inits: list[InitStr] | None = Field(None, min_length=1)  # default: the spec's top-level ``inits``
+
+    @field_validator("names")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        for n in names:
+            expand_backbone(n)  # raises ValueError naming the entry
+        return names
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("explicit layer list is empty")
+        return v
+
+
+class MethodSpec(_Strict):
+    name: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "MethodSpec":
+        from adspine.methods import METHODS, get_method_class
+
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method '{self.name}'; valid: {', '.join(sorted(METHODS))}")
+        if "rd_seed" in self.settings:
+            raise ValueError("set Rd seeds with the top-level 'rd_seeds' list, not in method settings")
+        try:
+            klass = get_method_class(self.name)
+        except ImportError as e:
+            raise ValueError(f"method '{self.name}' is not available here ({e})") from None
+        params = method_params(klass)
+        if params is not None:
+            unknown = sorted(set(self.settings) - params)
+            if unknown:
+                valid = ", ".join(sorted(params))
+                raise ValueError(f"unknown setting(s) {', '.join(unknown)} for method '{self.name}'; valid: {valid}")
+        return self
+
+
+class TimingSpec(_Strict):
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(5, ge=1)
+    batch_n: int = Field(8, ge=1)  # the "batch N" of the batched latency
+
+
+class ExamplesSpec(_Strict):
+    count: int = Field(4, ge=0)  # test images whose maps are kept per result (best/worst defective, best/worst good)
+    size: int = Field(64, ge=8)  # stored map side (float16)
+
+
+class StudySpec(_Strict):
+    name: str
+    description: str = ""
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    backbones: list[BackboneGroup] = Field(min_length=1)
+    inits: list[InitStr] = Field(default_factory=lambda: ["imagenet"], min_length=1)
+    init_seed: int = 1024
+    methods: list[MethodSpec] = Field(min_length=1)
+    rd_seeds: list[int] = Field(default_factory=lambda: [1024], min_length=1)
+    seed: int = 1024
+    protocol: Literal["paper", "resize"] = "paper"
+    image_size: int = Field(224, ge=32)
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per job (None = torch default)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers
+    timing: TimingSpec = Field(default_factory=TimingSpec)
+    examples: ExamplesSpec = Field(default_factory=ExamplesSpec)
+
+    @field_validator("backbones", mode="before")
+    @classmethod
+    def _short_backbones(cls, v):
+        # a bare string is a one-name group
+        if isinstance(v, list):
+            return [{"names": [x]} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _short_methods(cls, v):
+        if isinstance(v, list):
+            return [{"name": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("rd_seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate Rd seeds in {v}")
+        return v
+
+
+def method_params(klass) -> set[str] | None:
+    """Constructor keyword names of a method class (None when it takes **kwargs)."""
+    sig = inspect.signature(klass.__init__)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n in sig.parameters if n != "self"}
+
+
+def expand_backbone(entry: str) -> list[str]:
+    """``family:NAME`` -> every registry name of that family; a plain name -> [name] (must be in the registry)."""
+    from adspine.backbones.registry import FAMILIES, get_spec, list_specs
+
+    if entry.startswith("family:"):
+        fam = entry.split(":", 1)[1]
+        try:
+            specs = list_specs(family=fam) if fam else []
+        except (KeyError, ValueError):
+            specs = []
+        if not specs:
+            raise ValueError(f"unknown backbone family '{fam}'; valid: {', '.join(FAMILIES)}")
+        return [s.name for s in specs]
+    try:
+        get_spec(entry)
+    except (KeyError, ValueError):
+        names = [s.name for s in list_specs()]
+        key = entry.lower().replace("-", "_")
+        close = [n for n in names if key[:5] in n.lower()][:6]
+        hint = f" (similar: {', '.join(close)})" if close else " (see `adspine backbones list`)"
+        raise ValueError(f"unknown backbone '{entry}'{hint}") from None
+    return [entry]
+
+
+def _presets_dir():
+    return resources.files("adspine.study") / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_spec_path(spec: str | Path) -> tuple[str, str]:
+    """Return (label for messages, YAML text) for a file path or a preset name."""
+    p = Path(spec)
+    if p.is_file():
+        return str(p), p.read_text()
+    if str(spec) in preset_names():
+        res = _presets_dir() / f"{spec}.yaml"
+        return f"preset:{spec}", res.read_text()
+    raise SpecError(f"{spec}: no such spec file or preset (presets: {', '.join(preset_names())})")
+
+
+def _loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif x in ("function-after", "function-before", "list[str]", "str", "int") or "[" in str(x) or "'" in str(x):
+            continue  # pydantic union-branch tags, not field names
+        else:
+            parts.append(("." if parts else "") + str(x))
+    return "".join(parts) or "(top level)"
+
+
+def load_spec(spec: str | Path, data_root: str | Path | None = None) -> StudySpec:
+    """Load and validate a spec file or preset name; raise SpecError with one line ``FILE: field: message``."""
+    label, text = resolve_spec_path(spec)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise SpecError(f"{label}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{label}: (top level): expected a mapping of study fields, got {type(raw).__name__}")
+    if data_root is not None:
+        ds = raw.get("datasets")
+        if not isinstance(ds, list) or len(ds) != 1:
+            raise SpecError(f"{label}: datasets: --data-root needs a spec with exactly one dataset")
+        if isinstance(ds[0], dict):
+            ds[0] = {**ds[0], "root": str(data_root)}
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not allowed here)"
+        elif err["type"] == "literal_error" and "input" in err:
+            msg = f"{msg} (got {err['input']!r})"
+        fields = {_loc(x["loc"]) for x in e.errors()}  # union branches report one field twice
+        more = f" (and {len(fields) - 1} more error(s))" if len(fields) > 1 else ""
+        raise SpecError(f"{label}: {_loc(err['loc'])}: {msg}{more}") from None
