@@ -318,21 +318,23 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
     for name, settings, rd_seed in method_runs(spec, extractor):
         method = build_method(name, **settings)
         gc.collect()
-        sw = timing.Stopwatch(device)
-        with sw:
-            method.fit(([t.to(device) for t in b] for b in train_feats))
-        fit_s = sw.total
-        rss_after_fit = timing.rss_mb()
-        sw = timing.Stopwatch(device)
-        maps, scores = [], []
-        for b in test_feats:
-            b = [t.to(device) for t in b]
+        rss_before = timing.rss_mb()
+        with timing.PeakRSS() as mem:
+            sw = timing.Stopwatch(device)
             with sw:
-                pred = method.predict(b, size)
-            maps.append(np.asarray(pred.maps, dtype=np.float32))
-            scores.append(np.asarray(pred.scores, dtype=np.float64))
+                method.fit(([t.to(device) for t in b] for b in train_feats))
+            fit_s = sw.total
+            rss_after_fit = timing.rss_mb()
+            sw = timing.Stopwatch(device)
+            maps, scores = [], []
+            for b in test_feats:
+                b = [t.to(device) for t in b]
+                with sw:
+                    pred = method.predict(b, size)
+                maps.append(np.asarray(pred.maps, dtype=np.float32))
+                scores.append(np.asarray(pred.scores, dtype=np.float64))
         maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
-        peak = timing.peak_rss_mb()
+        peak = mem.peak_mb
         prov = {
             "backbone": info,
             "layers": list(extractor.layer_names),
@@ -364,8 +366,10 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
                             **prov,
                             "method": getattr(method, "provenance", {}),
                             "extra_state": method.extra_state(),
+                            "rss_before_fit_mb": rss_before,
                             "rss_after_fit_mb": rss_after_fit,
-                            "peak_rss_note": "process high-water mark (ru_maxrss) after this method's predict",
+                            "process_high_water_mb": timing.peak_rss_mb(),
+                            "peak_rss_note": "largest RSS sampled every 5 ms during this method's fit and predict",
                         }
                     )
                 ),

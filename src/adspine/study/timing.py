@@ -5,8 +5,10 @@ Conventions recorded with every result:
   on CUDA each call is bracketed by ``torch.cuda.synchronize()``.
 - FLOPs = ``torch.utils.flop_counter.FlopCounterMode`` total for one image (a multiply-add counts as 2 FLOPs; only
   convolutions and matrix products are counted, as is usual).
-- peak RSS = ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the process high-water mark as of that moment, so a
-  later method in the same job can never show less than an earlier one did.
+- peak RSS of a method = the largest resident set size sampled (psutil, every 5 ms, in a background thread) while
+  that method fits and predicts (``PeakRSS``). It includes what the job already holds (backbone, cached features),
+  which is the same for every method of a job. The process high-water mark (``ru_maxrss``), which can only grow over
+  a study, is recorded in the provenance as well.
 """
 
 from __future__ import annotations
@@ -82,6 +84,36 @@ def peak_rss_mb() -> float:
     """Process peak resident set size so far (high-water mark), in MiB."""
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / (1024 * 1024) if sys.platform == "darwin" else ru / 1024  # bytes on macOS, KiB on Linux
+
+
+class PeakRSS:
+    """Context manager sampling this process's RSS in a background thread; ``peak_mb`` is the largest sample."""
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self.interval_s, self.peak_mb = interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            self.peak_mb = max(self.peak_mb, proc.memory_info().rss / (1024 * 1024))
+            if self._stop.wait(self.interval_s):
+                break
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak_mb = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
 
 
 def rss_mb() -> float:
