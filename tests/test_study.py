@@ -286,3 +286,21 @@ def test_export_csv_and_parquet_roundtrip(study_db, tmp_path):
     assert str(table.schema.field("rd_seed").type) == "int64"
     res = cli.invoke(app, ["results", "export", "--db", str(tmp_path / "none.sqlite"), "--out", "x.csv"])
     assert res.exit_code == 2 and "none.sqlite: no such results store" in res.output
+
+
+def test_cflow_runs_in_a_study_with_training_time_as_fit_time(tmp_path, synth_root):
+    """CFLOW goes through the same runner as the other methods: fit_s is its training time, metrics are stored."""
+    spec = tiny_spec(
+        synth_root,
+        datasets=[{"root": str(synth_root), "name": "synth", "categories": ["fabric"]}],
+        methods=[{"name": "cflow", "settings": {"epochs": 2, "coupling_blocks": 2, "pos_dim": 16, "fibre_batch": 128}}],
+        rd_seeds=[1],
+    )
+    db = tmp_path / "cflow.sqlite"
+    runner.run_study(load_spec(write(tmp_path / "c.yaml", spec)), db, show_progress=False)
+    rows = ResultStore(db).rows()
+    assert [r["method"] for r in rows] == ["cflow"] and rows[0]["rd_seed"] is None
+    row = rows[0]
+    assert row["fit_s"] > 0 and row["predict_ms"] > 0 and row["model_bytes"] > 0
+    assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
+    assert len(json.loads(row["provenance"])["extra_state"]["epoch_losses"]) == 2
