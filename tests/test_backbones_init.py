@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import pickle
 
@@ -13,6 +14,7 @@ from adspine.backbones import extractor as bext
 from adspine.backbones import init as binit
 from adspine.backbones.extractor import build_extractor
 from adspine.backbones.init import InitError, OfflineWeightsError, build_model, weights_location
+from adspine.backbones.library_weights import LIBRARY_WEIGHTS
 from adspine.backbones.registry import get_spec
 
 
@@ -32,6 +34,20 @@ def offline_caches(tmp_path, monkeypatch):
     torch.hub.set_dir(str(tmp_path / "hub"))
     yield tmp_path
     torch.hub.set_dir(old)
+
+
+def _plant(hub, monkeypatch, row, tag, state_dict, stem):
+    """Save ``state_dict`` in the torch.hub cache under a torch.hub-style name whose hash prefix matches its bytes,
+    and point the library index entry of (row, tag) at that name."""
+    ckpt = hub / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / "tmp.pth"
+    torch.save(state_dict, tmp)
+    path = ckpt / f"{stem}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(path)
+    top1 = LIBRARY_WEIGHTS[row][tag][1]
+    monkeypatch.setitem(LIBRARY_WEIGHTS[row], tag, (f"https://download.pytorch.org/models/{path.name}", top1))
+    return path
 
 
 def _fails_fast(name, init, match):
@@ -66,17 +82,17 @@ def test_offline_flag_and_forced_online(monkeypatch):
     assert binit.is_offline()
 
 
-def test_cached_torchvision_file_is_used_without_network(offline_caches):
-    """A file at torch.hub's cache path is what torchvision loads: its tensors end up in the extractor."""
+def test_cached_torchvision_file_is_used_without_network(offline_caches, monkeypatch):
+    """A file at torch.hub's cache path (name hash matching its bytes) is what is loaded: its tensors end up in the
+    extractor."""
     ref, _ = build_model(get_spec("resnet18"), "random", init_seed=7)
-    ckpt = offline_caches / "hub" / "checkpoints"
-    ckpt.mkdir(parents=True)
-    torch.save(ref.state_dict(), ckpt / "resnet18-f37072fd.pth")
+    path = _plant(offline_caches, monkeypatch, "resnet18", "IMAGENET1K_V1", ref.state_dict(), "resnet18")
     assert weights_location(get_spec("resnet18")).cached
     ext = build_extractor("resnet18", init="imagenet")
     assert torch.equal(ext.body.graph_module.get_submodule("layer1.0.conv1").weight, ref.layer1[0].conv1.weight)
     assert ext.info["weights_tag"] == "IMAGENET1K_V1" and ext.info["imagenet_top1"] == pytest.approx(69.758)
-    assert ext.info["init_seed"] is None and ext.info["weights_file"].endswith("resnet18-f37072fd.pth")
+    assert ext.info["init_seed"] is None and ext.info["weights_file"] == str(path)
+    assert ext.info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_hugging_face_cache_is_found(offline_caches):
@@ -184,13 +200,12 @@ def test_packaged_lite0_needs_no_network(offline_caches):
 
 
 @pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
-def test_pretrained_inception_builds_match_random_builds(name, monkeypatch):
-    """torchvision's own pretrained path (aux heads in the file) ends with the modules of the random build."""
+def test_pretrained_inception_builds_match_random_builds(name, offline_caches, monkeypatch):
+    """The pretrained path (aux heads in the file, as torchvision's) ends with the modules of the random build."""
     import torchvision.models as tvm
-    from torchvision.models._api import WeightsEnum
 
     sd = tvm.get_model(name, weights=None, aux_logits=True, init_weights=True).state_dict()
-    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: sd)
+    _plant(offline_caches, monkeypatch, name, "IMAGENET1K_V1", sd, name)
     pre = binit.construct(get_spec(name), pretrained_tag="IMAGENET1K_V1")
     rnd = binit.construct(get_spec(name))
     assert set(pre.state_dict()) == set(rnd.state_dict())

@@ -1,11 +1,13 @@
 """Shared helpers: fuse, Rd indices, map post-processing, result store."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter, zoom  # noqa: F401
 
-from adspine.features import fuse, rd_indices
+from adspine.features import DEFAULT_RD_SCHEME, RD_SCHEMES, fuse, rd_indices
 from adspine.methods.postprocess import gaussian_blur, gaussian_kernel1d, patch_scores_to_map
 from adspine.study.store import ResultStore
 
@@ -20,14 +22,41 @@ def test_fuse_nearest_matches_repeat():
     assert torch.equal(out[:, 3:], expected)
 
 
-def test_rd_indices_seeded_sorted_and_none_when_no_reduction():
-    i1, i2 = rd_indices(448, 100, 1024), rd_indices(448, 100, 1024)
+def test_rd_indices_torch_scheme_seeded_sorted_and_none_when_no_reduction():
+    i1, i2 = rd_indices(448, 100, 1024, scheme="torch"), rd_indices(448, 100, 1024, scheme="torch")
     assert torch.equal(i1, i2) and len(i1) == 100 and len(set(i1.tolist())) == 100
     assert torch.all(i1[1:] > i1[:-1])
-    assert not torch.equal(i1, rd_indices(448, 100, 7))
-    assert rd_indices(64, None) is None and rd_indices(64, 64) is None
-    with pytest.raises(ValueError, match="d=0"):
-        rd_indices(64, 0)
+    assert not torch.equal(i1, rd_indices(448, 100, 7, scheme="torch"))
+    gen = torch.Generator().manual_seed(1024)
+    assert torch.equal(i1, torch.randperm(448, generator=gen)[:100].sort().values)
+    for scheme in RD_SCHEMES:
+        assert rd_indices(64, None, scheme=scheme) is None and rd_indices(64, 64, scheme=scheme) is None
+        with pytest.raises(ValueError, match="d=0"):
+            rd_indices(64, 0, scheme=scheme)
+
+
+@pytest.mark.parametrize(("total", "d"), [(448, 100), (1792, 550)])
+def test_rd_indices_reference_scheme_is_the_padim_reference_draw(total, d):
+    """The PaDiM reference code: random.seed(1024); idx = random.sample(range(0, t_d), d), used unsorted."""
+    state = random.getstate()
+    try:
+        random.seed(1024)
+        expected = random.sample(range(0, total), d)
+        random.seed(99)
+        after_reseed = random.random()
+        random.seed(99)
+        got = rd_indices(total, d, 1024, scheme="reference")
+        assert random.random() == after_reseed  # the global random state is not touched
+    finally:
+        random.setstate(state)
+    assert got.dtype == torch.long and got.tolist() == expected
+    assert torch.equal(rd_indices(total, d, 1024), got)  # the default scheme
+    assert DEFAULT_RD_SCHEME == "reference"
+
+
+def test_rd_indices_unknown_scheme_names_it_and_the_valid_ones():
+    with pytest.raises(ValueError, match="'numpy'.*reference, torch"):
+        rd_indices(448, 100, 1024, scheme="numpy")
 
 
 def test_kernel_has_33_taps_for_sigma_4():

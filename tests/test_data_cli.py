@@ -10,7 +10,7 @@ from adspine.data.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["magnetic-tile"], ["summary"]])
+@pytest.mark.parametrize("command", [[], ["synth"], ["magnetic-tile"], ["summary"], ["masks-from-labelme"]])
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -42,3 +42,36 @@ def test_errors_are_one_line_with_exit_status_2(tmp_path):
     _one_line_error(["synth", "--out", str(tmp_path / "x"), "--size", "10"], "size=10")
     _one_line_error(["magnetic-tile", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "y")],
                     str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("fmt", ["mvtec", "visa", "folder", "manifest"])
+def test_summary_works_on_every_format(tmp_path, fmt):
+    from adspine.data.convert import export_layout
+
+    src = tmp_path / "syn"
+    result = runner.invoke(app, ["synth", "--out", str(src), "--size", "64", "--n-train", "1", "--n-test-good", "1",
+                                 "--n-per-defect", "1", "--category", "tiles", "--aspect", "2", "--no-masks"])
+    assert result.exit_code == 0, result.output
+    root = export_layout(src, "tiles", tmp_path / fmt, fmt)
+    for args in (["summary", str(root)], ["summary", str(root), "--format", fmt]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert f"({fmt}" in result.stdout and "tiles" in result.stdout and "128x64" in result.stdout
+        assert " no " in result.stdout  # masks: none (an image-level dataset)
+    _one_line_error(["summary", str(root), "--format", "coco"], "format='coco'")
+
+
+def test_summary_reports_large_images_as_one_warning_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    out = tmp_path / "syn"
+    runner.invoke(app, ["synth", "--out", str(out), "--size", "64", "--n-train", "1", "--n-test-good", "1",
+                        "--n-per-defect", "1", "--category", "tiles"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 64 x 64 = 4096 pixels: a warning, not an error
+    result = runner.invoke(app, ["summary", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("warning: ") and "very large image" in line for line in lines)
+    named = [line.split(": ")[1] for line in lines]
+    assert len(named) == len(set(named)) == 10  # 6 images + 4 masks, each named once
+    assert "DecompressionBombWarning" not in result.output

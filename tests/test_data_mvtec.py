@@ -153,7 +153,8 @@ def test_items_shapes_and_types(tmp_path, protocol):
     dataset = ImageDataset(data.test, protocol=protocol, size=32)
     assert len(dataset) == 4
     good, bad = dataset[0], dataset[3]
-    assert set(good) == {"image", "mask", "label", "defect", "path"}
+    assert set(good) == {"image", "mask", "has_mask", "label", "defect", "path"}
+    assert good["has_mask"] and bad["has_mask"]
     assert good["image"].shape == (3, 32, 32) and good["image"].dtype == torch.float32
     assert good["mask"].shape == (32, 32) and good["mask"].dtype == torch.bool and not good["mask"].any()
     assert 0.0 <= good["image"].min() and good["image"].max() <= 1.0
@@ -161,27 +162,40 @@ def test_items_shapes_and_types(tmp_path, protocol):
     assert bad["mask"].any()
 
 
-def _reference(image_u8: np.ndarray, mask: np.ndarray, protocol: str, size: int):
+def _expected_resize(protocol: str, out_hw, image_hw):
+    """The resize before the centre crop, written out independently of adspine.data.geometry."""
+    (oh, ow), (h, w) = out_hw, image_hw
+    if protocol == "paper":
+        return round(oh * 256 / 224), round(ow * 256 / 224)
+    if protocol == "resize":
+        return oh, ow
+    scale = max(oh / h, ow / w)
+    return max(oh, round(h * scale)), max(ow, round(w * scale))
+
+
+def _reference(image_u8: np.ndarray, mask: np.ndarray, protocol: str, out_hw):
     """Pillow reference: bilinear (antialiased) image, nearest mask, then the centre crop by hand."""
-    side = paper_resize_size(size) if protocol == "paper" else size
-    img = np.asarray(Image.fromarray(image_u8).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
-    msk = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)) > 127
-    top = int(round((side - size) / 2.0))
-    return img[top : top + size, top : top + size], msk[top : top + size, top : top + size]
+    rh, rw = _expected_resize(protocol, out_hw, image_u8.shape[:2])
+    img = np.asarray(Image.fromarray(image_u8).resize((rw, rh), Image.BILINEAR), dtype=np.float32) / 255
+    msk = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
+    top, left = round((rh - out_hw[0]) / 2.0), round((rw - out_hw[1]) / 2.0)
+    crop = (slice(top, top + out_hw[0]), slice(left, left + out_hw[1]))
+    return img[crop], msk[crop], (rh, rw), (top, left)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize("shape", [(300, 300), (180, 260)])
-def test_protocol_matches_pillow_and_keeps_mask_aligned(protocol, shape):
+@pytest.mark.parametrize("shape", [(300, 300), (180, 260), (129, 308)])
+@pytest.mark.parametrize("size", [224, (64, 160)])
+def test_protocol_matches_pillow_and_keeps_mask_aligned(protocol, shape, size):
     h, w = shape
-    size = 224
+    out_hw = (size, size) if isinstance(size, int) else size
     yy, xx = np.mgrid[0:h, 0:w]
-    box = (yy >= 0.4 * h) & (yy < 0.7 * h) & (xx >= 0.15 * w) & (xx < 0.55 * w)
+    box = (yy >= 0.4 * h) & (yy < 0.7 * h) & (xx >= 0.4 * w) & (xx < 0.55 * w)
     image = np.where(box[:, :, None], 230, 20).astype(np.uint8).repeat(3, axis=2)
     image = (image.astype(int) + RNG.integers(-15, 16, image.shape)).clip(0, 255).astype(np.uint8)
     img, msk = preprocess(image / 255.0, box, protocol, size)
-    assert img.shape == (3, size, size) and msk.shape == (size, size)
-    ref_img, ref_msk = _reference(image, box, protocol, size)
+    assert img.shape == (3, *out_hw) and msk.shape == out_hw
+    ref_img, ref_msk, (rh, rw), (top, left) = _reference(image, box, protocol, out_hw)
     np.testing.assert_allclose(img.permute(1, 2, 0).numpy(), ref_img, atol=3 / 255)
     np.testing.assert_array_equal(msk.numpy(), ref_msk)
     # alignment: the bright region of the resized image is the resized mask (only boundary pixels may differ)
@@ -189,9 +203,13 @@ def test_protocol_matches_pillow_and_keeps_mask_aligned(protocol, shape):
     edge = ndimage.binary_dilation(m ^ ndimage.binary_erosion(m), iterations=1)
     assert not ((bright ^ m) & ~edge).any()
     # the mask box lands where the geometry says: scale then shift by the crop
-    side = paper_resize_size(size) if protocol == "paper" else size
-    shift = (side - size) // 2 if protocol == "paper" else 0
-    rows = np.nonzero(msk.numpy().any(1))[0]
-    cols = np.nonzero(msk.numpy().any(0))[0]
-    assert abs(rows[0] - (np.ceil(0.4 * h) * side / h - shift)) <= 1
-    assert abs(cols[-1] + 1 - (np.ceil(0.55 * w) * side / w - shift)) <= 1
+    rows = np.nonzero(m.any(1))[0]
+    cols = np.nonzero(m.any(0))[0]
+    assert abs(rows[0] - (np.ceil(0.4 * h) * rh / h - top)) <= 1
+    assert abs(cols[-1] + 1 - (np.ceil(0.55 * w) * rw / w - left)) <= 1
+    if protocol == "aspect-crop":  # the aspect ratio is kept: both axes scaled alike (up to rounding)
+        assert abs(rh / h - rw / w) <= 1 / min(h, w)
+
+
+def test_paper_square_resize_side_is_256_for_224():
+    assert paper_resize_size(224) == 256 and paper_resize_size(128) == 146

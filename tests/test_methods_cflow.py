@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import numpy as np
@@ -21,8 +22,9 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from adspine.data.mvtec import ImageDataset, scan_category
 from adspine.data.synth import generate
 from adspine.methods import build_method
-from adspine.methods.base import AnomalyMethod, ModelFileError
-from adspine.methods.cflow import CFlow, build_flow, log_likelihood_per_dim, positional_encoding_2d
+from adspine.methods.base import AnomalyMethod, ModelFileError, NotFittedError, meta_digest
+from adspine.methods.cflow import (CFlow, CFlowError, build_flow, cflow_cost, flow_flops_per_fibre,
+                                   log_likelihood_per_dim, positional_encoding_2d)
 
 SIZE = 64
 N_TRAIN = 24
@@ -57,17 +59,34 @@ def data(tmp_path_factory):
     }
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def fitted(data):
-    calls = []
-    model = build_method("cflow", **FIT)
-    model.fit(iter(data["train"]), callback=lambda e, loss, layers: calls.append((e, loss, layers)))
-    return model, calls
+    """The fitted model and the progress lines it logged (INFO, logger adspine.methods.cflow)."""
+    logger = logging.getLogger("adspine.methods.cflow")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        model = build_method("cflow", **FIT)
+        model.fit(iter(data["train"]))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return model, handler.messages
 
 
 def test_learns_and_separates_good_from_defective(data, fitted):
-    model, calls = fitted
-    losses = model.history["epoch_losses"]
+    model, messages = fitted
+    losses = model.history_["epoch_losses"]
     assert len(losses) == FIT["epochs"] and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.1  # measured: 1.01 -> 0.60
     assert data["labels"].sum() == 8 and (data["labels"] == 0).sum() == N_GOOD
@@ -77,11 +96,11 @@ def test_learns_and_separates_good_from_defective(data, fitted):
     # measured on this data: image AUROC 1.0, pixel AUROC 0.98 (both normalizations)
     assert roc_auc_score(data["labels"], pred.scores) > 0.8
     assert roc_auc_score(data["masks"].ravel(), pred.maps.ravel()) > 0.9
-    # progress: one callback per epoch with the recorded losses
-    assert [c[0] for c in calls] == list(range(FIT["epochs"]))
-    assert [c[1] for c in calls] == losses
-    assert [c[2] for c in calls] == model.history["epoch_layer_losses"]
-    assert model.history["fibres_per_layer"] == [N_TRAIN * 16 * 16, N_TRAIN * 8 * 8, N_TRAIN * 4 * 4]
+    # progress: one log line per epoch with the recorded losses
+    assert len(messages) == FIT["epochs"]
+    for e, (msg, loss, per_layer) in enumerate(zip(messages, losses, model.history_["epoch_layer_losses"])):
+        assert msg.startswith(f"cflow epoch {e + 1}/{FIT['epochs']} loss {loss:.4f} (layers {per_layer[0]:.4f}, ")
+    assert model.history_["fibres_per_layer"] == [N_TRAIN * 16 * 16, N_TRAIN * 8 * 8, N_TRAIN * 4 * 4]
 
 
 def test_log_normalization_also_separates(data, fitted):
@@ -96,8 +115,8 @@ def test_training_images_score_nonnegative_with_exp_normalization(data, fitted):
     model, _ = fitted
     pred = model.predict(data["train"][0], (SIZE, SIZE))
     assert pred.maps.min() >= -1e-6
-    stats = model.history["train_logp_per_dim"]
-    assert [s["max"] for s in stats] == pytest.approx(model.norm_logp_max.tolist())
+    stats = model.history_["train_logp_per_dim"]
+    assert [s["max"] for s in stats] == pytest.approx(model.norm_logp_max_.tolist())
 
 
 def test_prediction_does_not_depend_on_batch_size(data, fitted):
@@ -114,13 +133,13 @@ def test_fit_is_deterministic_and_leaves_global_rngs_alone(data, fitted):
     again = CFlow(**FIT).fit(data["train"])
     assert torch.equal(torch_state, torch.get_rng_state())
     assert np.array_equal(np_state[1], np.random.get_state()[1])
-    assert again.history["epoch_losses"] == model.history["epoch_losses"]
+    assert again.history_["epoch_losses"] == model.history_["epoch_losses"]
     a, b = model.state_tensors(), again.state_tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another seed draws another initialisation and shuffle
     other = CFlow(layers=[2], coupling_blocks=2, epochs=1, seed=1).fit(data["train"])
     same = CFlow(layers=[2], coupling_blocks=2, epochs=1, seed=0).fit(data["train"])
-    assert other.history["epoch_losses"] != same.history["epoch_losses"]
+    assert other.history_["epoch_losses"] != same.history_["epoch_losses"]
 
 
 def test_save_load_round_trip(tmp_path, data, fitted):
@@ -128,47 +147,62 @@ def test_save_load_round_trip(tmp_path, data, fitted):
     folder = model.save(tmp_path / "m", provenance={"backbone": "resnet18", "init": "random"})
     meta = json.loads((folder / "model.json").read_text())
     assert meta["method"] == "cflow" and meta["settings"]["coupling_blocks"] == FIT["coupling_blocks"]
-    assert meta["extra_state"]["epoch_losses"] == model.history["epoch_losses"]
-    assert any(k.startswith("flow2.") for k in meta["tensors"]) and "norm_logp_max" in meta["tensors"]
+    assert meta["extra_state"]["history_"]["epoch_losses"] == model.history_["epoch_losses"]
+    assert any(k.startswith("flow2.") for k in meta["tensors"]) and "norm_logp_max_" in meta["tensors"]
     loaded = AnomalyMethod.load(folder)
     assert isinstance(loaded, CFlow) and loaded.provenance["backbone"] == "resnet18"
     p0, p1 = model.predict(data["test"], (SIZE, SIZE)), loaded.predict(data["test"], (SIZE, SIZE))
     assert np.array_equal(p0.maps, p1.maps) and np.array_equal(p0.scores, p1.scores)
     # the rotation (w_perm) of every block is part of the saved state: a missing one is an error
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(folder / "model.safetensors"))
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        header = f.metadata()
     del tensors["flow0.module_list.0.w_perm"]
-    save_file(tensors, str(folder / "model.safetensors"))
+    save_file(tensors, str(folder / "model.safetensors"), metadata=header)
     with pytest.raises(ModelFileError, match="missing tensor"):
         AnomalyMethod.load(folder)
 
 
 def test_layer_selection_and_input_errors(data):
     one = CFlow(layers=[1], coupling_blocks=1, epochs=1, pos_dim=16).fit(data["train"])
-    assert one.channels == [128] and len(one.flows) == 1
+    assert one.channels_ == [128] and len(one.flows_) == 1
     assert one.predict(data["test"], (SIZE, SIZE)).maps.shape == (len(data["labels"]), SIZE, SIZE)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(CFlowError, match="out of range"):
         CFlow(layers=[3], epochs=1).fit(data["train"])
-    with pytest.raises(ValueError, match="no training batches"):
+    with pytest.raises(ValueError, match="no training batch"):
         CFlow(epochs=1).fit([])
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="feature map"):
         one.predict([data["test"][0], data["test"][0]], (SIZE, SIZE))
-    with pytest.raises(RuntimeError, match="before fit"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         CFlow().predict(data["test"], (SIZE, SIZE))
     for bad in (dict(pos_dim=30), dict(normalization="minmax"), dict(epochs=0), dict(layers=[]), dict(lr=0),
                 dict(feature_dtype="int8"), dict(device="tpu-x")):
-        with pytest.raises(ValueError):
+        with pytest.raises(CFlowError):
             CFlow(**bad)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
+        with pytest.raises(CFlowError, match="CUDA is not available"):
             CFlow(device="cuda", epochs=1).fit(data["train"])
 
 
 def test_float16_feature_storage(data):
     m16 = CFlow(layers=[2], coupling_blocks=2, epochs=1, feature_dtype="float16").fit(data["train"])
     m32 = CFlow(layers=[2], coupling_blocks=2, epochs=1).fit(data["train"])
-    assert m16.history["epoch_losses"][0] == pytest.approx(m32.history["epoch_losses"][0], rel=1e-2)
+    assert m16.history_["epoch_losses"][0] == pytest.approx(m32.history_["epoch_losses"][0], rel=1e-2)
+
+
+def test_cost_counts_training_evaluation_and_test_passes():
+    """FLOPs by hand for one layer (C = 6: halves 3 + 3, condition 8): subnet 11 -> 22 -> 6 and a 6 x 6 rotation."""
+    per_block = 2 * 11 * 22 + 2 * 22 * 6 + 2 * 6 * 6
+    assert flow_flops_per_fibre(6, 8, 2) == 2 * per_block
+    from adspine.methods.base import CostShape
+
+    shape = CostShape(n_train=5, n_test=3, positions=[16, 4], channels=[6, 10], d=16, backbone_flops=1e9)
+    settings = dict(coupling_blocks=2, pos_dim=8, epochs=4, layers=[0])
+    assert cflow_cost(shape, settings) == ((3 * 4 + 1) * 5 + 3) * 16 * 2 * per_block
+    assert CFlow.info.cost is cflow_cost and CFlow.info.trains and CFlow.info.seed_setting == "seed"
 
 
 def test_positional_encoding_layout():
@@ -214,6 +248,10 @@ def test_cuda_trained_model_loads_on_cpu(tmp_path, data, fitted, caplog):
     meta = json.loads((folder / "model.json").read_text())
     meta["settings"]["device"] = "cuda"
     (folder / "model.json").write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    path = str(folder / "model.safetensors")
+    save_file(load_file(path), path, metadata={"adspine_meta_sha256": meta_digest(meta)})  # as if saved on CUDA
     with caplog.at_level("WARNING", logger="adspine.methods.cflow"):
         loaded = AnomalyMethod.load(folder)
     assert loaded.device == "cpu" and "loaded on the CPU" in caplog.text

@@ -13,7 +13,7 @@ import methods_fixtures as mf  # noqa: E402
 
 from adspine.methods import knn  # noqa: E402
 from adspine.methods.postprocess import gaussian_blur  # noqa: E402
-from adspine.methods.spade import SPADE  # noqa: E402
+from adspine.methods.spade import SPADE, SPADEError, nearest_patch_sq_dist  # noqa: E402
 
 SIZE = (32, 32)
 
@@ -21,6 +21,29 @@ SIZE = (32, 32)
 @pytest.fixture(autouse=True)
 def _threads():
     mf.set_threads()
+
+
+def check_corruption(method, folder, name: str) -> None:
+    """Like ``methods_fixtures.check_corruption`` but keeps the safetensors header (format 2 stores the checksum of
+    model.json there), so the missing tensor, not the header, is what fails."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from adspine.methods import AnomalyMethod, ModelFileError
+    from adspine.methods.base import TENSORS_FILE
+
+    path = method.save(folder) / TENSORS_FILE
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    altered = {**tensors, name: tensors[name].clone()}
+    altered[name].view(-1)[0] += 1
+    save_file(altered, str(path), metadata=header)
+    with pytest.raises(ModelFileError, match="altered"):
+        AnomalyMethod.load(folder)
+    save_file({k: v for k, v in tensors.items() if k != name}, str(path), metadata=header)
+    with pytest.raises(ModelFileError, match="missing"):
+        AnomalyMethod.load(folder)
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -38,6 +61,22 @@ def test_knn_helper_matches_bruteforce():
     np.testing.assert_allclose(dist, np.take_along_axis(full, order, axis=1), rtol=1e-4)
     with pytest.raises(ValueError, match="k=201"):
         knn.knn(base, queries, 201)
+
+
+@pytest.mark.parametrize("threads, block", [(1, 256), (2, 7), (3, 64)])
+def test_nearest_patch_search_matches_float64_bruteforce(threads, block):
+    """Features far from the origin (all-positive, offset 50, like ReLU maps) and a gallery holding near-duplicates
+    of some queries: the centred float32 GEMM search stays within 1e-4 of float64 brute force."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(6, 30, 16, generator=gen) * 4 + 50
+    queries = torch.rand(45, 16, generator=gen) * 4 + 50
+    queries[:5] = train[2, :5] + 1e-3 * torch.randn(5, 16, generator=gen)
+    centre = train.mean(dim=(0, 1))
+    images = [4, 2, 0]
+    g = train - centre
+    got = nearest_patch_sq_dist(queries - centre, g, g.square().sum(2), images, threads, block).sqrt()
+    want = _pairwise(queries.numpy(), train[images].reshape(-1, 16).numpy()).min(axis=1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * want[5:].min())
 
 
 def _fitted(k=4, n=12, seed=0):
@@ -82,22 +121,39 @@ def test_pixel_map_matches_bruteforce_gallery():
 
 def test_k_is_clipped_to_training_set_and_recorded(tmp_path):
     model, _, test = _fitted(k=50, n=6)
-    assert model.k_effective == 6
-    assert model.extra_state()["notes"] == ["k=50 clipped to the 6 training images"]
+    assert model.k_effective_ == 6
+    assert model.extra_state()["notes_"] == ["k=50 clipped to the 6 training images"]
     mf.check_roundtrip(model, test, SIZE, tmp_path / "clipped")
 
 
 def test_rejects_mismatched_features():
     model, _, test = _fitted()
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="layer1 has shape"):
         model.predict([test[0], test[1][:, :3], test[2]], SIZE)
+    with pytest.raises(SPADEError, match="k must be"):
+        SPADE(k=0)
+
+
+def test_rectangular_grid_finds_a_defect_where_it_is():
+    """Grids 6 x 10 and 3 x 5 (input 48 x 80): a patch changed at row 4, column 7 of layer 0 in one test image is
+    where its map peaks, and that image's map peak is above the other's."""
+    grids = ((6, 10), (3, 5))
+    train = mf.random_maps(8, channels=(6, 8), grids=grids, seed=1)
+    test = mf.random_maps(2, channels=(6, 8), grids=grids, seed=2)
+    test[0][0, :, 4, 7] += 8.0
+    model = SPADE(k=3, sigma=1.0).fit([train])
+    pred = model.predict(test, (48, 80))
+    assert pred.maps.shape == (2, 48, 80)
+    row, col = np.unravel_index(pred.maps[0].argmax(), (48, 80))
+    assert (row // 8, col // 8) == (4, 7)
+    assert pred.maps[0].max() > pred.maps[1].max()
 
 
 def test_save_load_roundtrip_and_corruption(tmp_path):
     model, _, test = _fitted()
     mf.check_roundtrip(model, test, SIZE, tmp_path / "ok")
-    for name in ("train.0", "pooled"):
-        mf.check_corruption(model, tmp_path / name, name)
+    for name in ("train.0", "centre.0", "pooled"):
+        check_corruption(model, tmp_path / name, name)
 
 
 def test_separates_synthetic_defects():

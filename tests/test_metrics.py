@@ -225,6 +225,38 @@ def test_evaluate_combines_and_skips_pixel_metrics():
         assert r["image_auroc"] == res["image_auroc"]
 
 
+def test_evaluate_image_level_dataset_and_has_mask():
+    """Defective images without a mask leave the pixel metrics; good images stay in them as all-normal."""
+    rng = np.random.default_rng(8)
+    masks = blob_masks(rng, 8, 16)
+    masks[1::2] = False  # odd images: good
+    maps = rng.random(masks.shape) + 0.5 * masks * rng.random(masks.shape)
+    labels = masks.reshape(8, -1).any(axis=1).astype(int)
+    scores = maps.reshape(8, -1).max(axis=1) + 0.3 * rng.random(8)
+    has_mask = np.ones(8, bool)
+    has_mask[[2, 4]] = False  # two defective images without pixel ground truth
+    has_mask[1] = False  # a good image: kept (its ground truth is known to be all-normal)
+    keep = np.array([True, True, False, True, False, True, True, True])
+    assert labels.tolist() == [0, 0, 1, 0, 1, 0, 1, 0]
+    res = evaluate(labels, scores, masks, maps, has_mask=has_mask)
+    assert res == pytest.approx(
+        {
+            "image_auroc": roc_auc_score(labels, scores),  # image metrics over all images
+            "pixel_auroc": roc_auc_score(masks[keep].ravel(), maps[keep].ravel()),
+            "aupro": brute_force_aupro(masks[keep], maps[keep], 0.3),
+            "image_f1_max": brute_force_f1_max(labels.astype(bool), scores),
+            "pixel_f1_max": brute_force_f1_max(masks[keep].ravel(), maps[keep].ravel()),
+        },
+        abs=1e-9,
+    )
+    assert res["pixel_auroc"] != pytest.approx(evaluate(labels, scores, masks, maps)["pixel_auroc"], abs=1e-6)
+    image_level = evaluate(labels, scores, masks, maps, has_mask=labels == 0)  # no defective image has a mask
+    assert image_level["pixel_auroc"] is image_level["aupro"] is image_level["pixel_f1_max"] is None
+    assert image_level["image_auroc"] == res["image_auroc"]
+    with pytest.raises(ValueError, match="has_mask: length 3 differs"):
+        evaluate(labels, scores, masks, maps, has_mask=[True] * 3)
+
+
 # ----------------------------------------------------------------------------------------------- means
 
 

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from adspine.study.runner import run_study
+from adspine.study.plan import plan
 from adspine.study.spec import StudySpec
 from adspine.study.store import ResultStore
 
 ray = pytest.importorskip("ray")
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_auroc_lo", "aupro_lo")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def spec(tmp_path_factory) -> StudySpec:
         "methods": ["padim", {"name": "patchcore", "settings": {"coreset_ratio": 0.5}}],
         "rd_seeds": [1, 2],
         "protocol": "resize", "image_size": 64, "threads": 1, "batch_size": 4,
-        "timing": {"warmup": 0, "repeats": 1, "batch_n": 2},
+        "timing": {"warmup": 0, "repeats": 1, "batch_n": 2}, "uncertainty": {"n_boot": 20},
         "examples": {"count": 2, "size": 16},
     })
 
@@ -41,13 +41,13 @@ def _by_key(db) -> dict:
 
 def test_ray_executor_matches_inprocess(spec, tmp_path):
     torch.set_num_threads(1)
-    local = run_study(spec, tmp_path / "local.sqlite", show_progress=False)
+    local = plan(spec).run(tmp_path / "local.sqlite")
     assert (local.done, local.failed) == (2, 0)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        remote = run_study(spec, tmp_path / "ray.sqlite", executor="ray", show_progress=False)
+        remote = plan(spec).run(tmp_path / "ray.sqlite", executor="ray")
     finally:
         ray.shutdown()
     assert (remote.done, remote.failed) == (2, 0)

@@ -1,4 +1,8 @@
-"""The ``adspine`` command line: one sub-command group per concern, each defined next to its code."""
+"""The ``adspine`` command line: one sub-command group per concern, each defined next to its code.
+
+Command modules import only typer at module level (heavy libraries inside the commands), so ``--help`` and the
+quick commands start at once.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,39 @@ from adspine.data.cli import app as data_app
 from adspine.report.cli import register as register_report
 from adspine.study.cli import register as register_study
 
+
+def _version(value: bool) -> None:
+    if value:
+        from adspine import __version__
+
+        typer.echo(f"adspine {__version__}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     help="adspine: which CNN backbone makes embedding-comparison anomaly detection work best, and at what speed.",
     no_args_is_help=True,
     add_completion=False,
 )
-app.add_typer(data_app, name="data", help="Datasets: synthetic generator, magnetic tile adapter, summaries.")
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Exit codes: 0 ok; 1 a job, method or image failed or was flagged; 2 bad input (one line per problem);
+    130 interrupted."""
+
+
+app.add_typer(data_app, name="data", help="Datasets: synthetic generator, layouts, masks from LabelMe, summaries.")
 app.add_typer(backbones_app, name="backbones", help="The backbone registry: list variants, show layer shapes.")
 register_study(app)  # adds: study, results, demo
 register_report(app)  # adds: report
+try:  # the engineer's path: fit, predict, evaluate, export
+    from adspine.detector.cli import register as register_detector
+except ImportError:  # pragma: no cover - only while the detector package is absent
+    register_detector = None
+if register_detector is not None:
+    register_detector(app)
 
 if __name__ == "__main__":
     app()

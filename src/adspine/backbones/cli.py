@@ -21,18 +21,16 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _offline_here(spec) -> str:
-    from adspine.backbones.init import InitError, weights_location
+    from adspine.backbones.weights import weights_location
 
-    try:
-        loc = weights_location(spec)
-    except InitError:
-        return "no"
+    loc = weights_location(spec)
     return ("packaged" if spec.source == "offline" else "cached") if loc.cached else "no"
 
 
 @app.command("list")
 def list_cmd(family: Annotated[str | None, typer.Option(help="Only this family (case-insensitive).")] = None) -> None:
-    """Every registry variant: layers, dim a, d, weight tags (top-1 %) and whether weights are available here.
+    """Every registry variant: layers, dim a, d, weight tags (top-1 %) and whether weights are available here
+    (loads no torch).
 
     ``*`` after dim a: measured here (not stated by the study); after d: chosen here (rule of thumb); after a tag:
     the default ``imagenet`` tag.

@@ -12,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from adspine.backbones.init import InitError, build_model, construct, preflight
+from adspine.backbones.init import InitError, build_model, construct
 from adspine.backbones.registry import BackboneSpec, get_spec
-from adspine.features import DEFAULT_RD_SEED, fuse, rd_indices
+from adspine.backbones.weights import preflight
+from adspine.features import DEFAULT_RD_SEED, LayerInfo, fuse, rd_indices
 
 PRESETS = ("thesis", "stride")
 STRIDE_TARGETS = (4, 8, 16)
@@ -195,22 +197,76 @@ def truncate(model: nn.Module, names: Sequence[str]) -> TruncatedNet:
     return TruncatedNet(graph_module, {n: last[n] for n in names}).eval()
 
 
-class FeatureExtractor(nn.Module):
-    """Per-layer maps of a truncated backbone from images in [0, 1] (normalisation inside, inference mode, eval)."""
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``image_size`` (an int or (H, W)) as (H, W) of positive ints; anything else is a one-line ``LayerError``."""
+    pair = tuple(image_size) if isinstance(image_size, Sequence) and not isinstance(image_size, str) else \
+        (image_size, image_size)
+    try:
+        hw = tuple(operator.index(v) for v in pair if not isinstance(v, bool))
+    except TypeError:
+        hw = ()
+    if len(hw) != 2 or len(pair) != 2 or min(hw) <= 0:
+        raise LayerError(f"image size must be a positive int or (H, W), got {image_size!r}")
+    return hw
 
-    def __init__(self, body: TruncatedNet, channels: Sequence[int], strides: Sequence[int], mean: Sequence[float],
-                 std: Sequence[float], default_d: int | None, info: dict) -> None:
+
+class FeatureExtractor(nn.Module):
+    """Per-layer maps of a truncated backbone from images in [0, 1] (normalisation inside, inference mode, eval).
+
+    ``layers``: one ``LayerInfo`` per output (name, channels, measured stride, grid at the probe size), shallow to
+    deep; ``layer_names``, ``channels`` and ``strides`` are read from them, ``layer_info(size)`` gives the grids for
+    any input size.
+    """
+
+    def __init__(self, body: TruncatedNet, layers: Sequence[LayerInfo], mean: Sequence[float], std: Sequence[float],
+                 default_d: int | None, info: dict) -> None:
         super().__init__()
         self.body = body.eval()
-        self.layer_names = list(body.nodes)
-        self.channels = [int(c) for c in channels]
-        self.strides = [int(s) for s in strides]
+        if [rec.name for rec in layers] != list(body.nodes):
+            raise LayerError(f"layer records {[rec.name for rec in layers]} do not match the network's outputs "
+                             f"{list(body.nodes)}")
+        self.layers = tuple(layers)
+        self._grids: dict[tuple[int, int], tuple[LayerInfo, ...]] = {}
         self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.default_d = default_d
         self.info = info
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [rec.name for rec in self.layers]
+
+    @property
+    def channels(self) -> list[int]:
+        return [rec.channels for rec in self.layers]
+
+    @property
+    def strides(self) -> list[int | None]:
+        return [rec.stride for rec in self.layers]
+
+    def layer_info(self, image_size: int | Sequence[int]) -> tuple[LayerInfo, ...]:
+        """Layer records for (B, 3, H, W) inputs of ``image_size`` (int or (H, W)): the grids are the output shapes
+        of the truncated network on a meta tensor of that size (the network's own rounding), cached per size."""
+        hw = image_hw(image_size)
+        if hw not in self._grids:
+            try:
+                out = self._meta_forward(torch.zeros(1, 3, *hw, device="meta"))
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                name = self.info.get("backbone", "the backbone")
+                raise LayerError(f"input size {hw[0]} x {hw[1]} does not fit {name} ({first})") from None
+            self._grids[hw] = tuple(LayerInfo(rec.name, rec.channels, rec.stride,
+                                              (int(out[rec.name].shape[-2]), int(out[rec.name].shape[-1])))
+                                    for rec in self.layers)
+        return self._grids[hw]
+
+    def _meta_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The truncated network on meta tensors (shapes only, no compute, weights untouched)."""
+        state = {k: v.to("meta") for k, v in itertools.chain(self.body.named_parameters(), self.body.named_buffers())}
+        with torch.no_grad():
+            return torch.func.functional_call(self.body, state, (x,))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Always stays in eval mode (frozen BatchNorm statistics)."""
@@ -238,15 +294,13 @@ class FeatureExtractor(nn.Module):
         """Parameters of the truncated network (the modules that run)."""
         return sum(p.numel() for p in self.body.parameters())
 
-    def flops(self, size: int = PROBE_SIZE, batch: int = 1) -> int:
-        """FLOPs (2 per multiply-add, ``torch.utils.flop_counter``) of the truncated network on (batch, 3, size,
-        size), counted on meta tensors (shapes only, no compute)."""
+    def flops(self, size: int | Sequence[int] = PROBE_SIZE, batch: int = 1) -> int:
+        """FLOPs (2 per multiply-add, ``torch.utils.flop_counter``) of the truncated network on (batch, 3, H, W)
+        inputs of ``size`` (int or (H, W)), counted on meta tensors (shapes only, no compute)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        state = {k: v.to("meta") for k, v in itertools.chain(self.body.named_parameters(), self.body.named_buffers())}
-        x = torch.zeros(batch, 3, size, size, device="meta")
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            torch.func.functional_call(self.body, state, (x,))
+        with FlopCounterMode(display=False) as counter:
+            self._meta_forward(torch.zeros(batch, 3, *image_hw(size), device="meta"))
         return int(counter.get_total_flops())
 
 
@@ -269,5 +323,6 @@ def from_model(spec: BackboneSpec, model: nn.Module, names: Sequence[str], outpu
     body = truncate(model, names)
     info = {"backbone": spec.name, "family": spec.family, "source": spec.source, "constructor": spec.constructor,
             **record, "layers": list(names), "probe_size": PROBE_SIZE}
-    return FeatureExtractor(body, [outputs[n].shape[1] for n in names], [outputs[n].stride for n in names],
-                            spec.mean, spec.std, spec.d, info).to(device)
+    layers = [LayerInfo(n, outputs[n].shape[1], outputs[n].stride, (outputs[n].shape[2], outputs[n].shape[3]))
+              for n in names]
+    return FeatureExtractor(body, layers, spec.mean, spec.std, spec.d, info).to(device)

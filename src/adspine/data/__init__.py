@@ -1,33 +1,33 @@
-"""Datasets in the MVTec AD layout: loading, validation, preprocessing protocols, generators and adapters.
+"""Datasets in several layouts (mvtec, visa, folder, manifest): reading, validation, preprocessing protocols,
+generators and adapters.
 
-``synth`` (synthetic generator), ``magnetic_tile`` (adapter) and ``summary`` are imported from their modules.
+Every name below is imported on first use (``adspine --help`` stays fast): scanning imports no torch;
+``ImageDataset``, ``preprocess`` and ``preprocess_file`` (``adspine.data.transforms``) import it. ``synth``,
+``convert``, ``labelme``, ``magnetic_tile`` and ``summary`` are imported from their modules.
 """
 
-from adspine.data.images import IMAGE_EXTENSIONS, DatasetError, load_mask, load_rgb
-from adspine.data.mvtec import (
-    DATASET_FILE,
-    PROTOCOLS,
-    CategoryData,
-    ImageDataset,
-    Sample,
-    category_kinds,
-    list_categories,
-    preprocess,
-    scan_category,
-)
+import importlib
 
-__all__ = [
-    "DATASET_FILE",
-    "IMAGE_EXTENSIONS",
-    "PROTOCOLS",
-    "CategoryData",
+from adspine.data.errors import DatasetError
+
+_SOURCES = {
+    "category": ("DATASET_FILE", "MASK_MODES", "CategoryData", "Sample"),
+    "geometry": ("PROTOCOLS", "normalise_size", "protocol_record", "resize_shape"),
+    "images": ("IMAGE_EXTENSIONS", "LargeImageWarning", "load_mask", "load_rgb"),
+    "mvtec": ("category_kinds", "scan_category"),
+    "readers": ("FORMATS", "detect_format", "list_categories", "scan"),
+    "transforms": ("ImageDataset", "preprocess", "preprocess_file"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"adspine.data.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [  # noqa: PLE0604 (the lazily imported names)
     "DatasetError",
-    "ImageDataset",
-    "Sample",
-    "category_kinds",
-    "list_categories",
-    "load_mask",
-    "load_rgb",
-    "preprocess",
-    "scan_category",
+    *sorted(_MODULE_OF),
 ]

@@ -1,9 +1,12 @@
-"""``adspine data``: synthetic generator, magnetic tile adapter, dataset summary."""
+"""``adspine data``: synthetic generator, magnetic tile adapter, dataset summary (any layout), LabelMe masks.
+
+Imports no torch, numpy-heavy code or Pillow at module level: each command imports what it needs."""
 
 from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -13,9 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from adspine.data.images import DatasetError
+from adspine.data.errors import DatasetError
 
-app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic generator, magnetic tile adapter, summaries.")
+app = typer.Typer(
+    no_args_is_help=True, help="Datasets: synthetic generator, magnetic tile adapter, summaries, LabelMe masks."
+)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -27,11 +32,19 @@ def one_line_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except DatasetError as exc:
-            err_console.print(f"[red]error: {escape(str(exc))}[/red]")
-            raise typer.Exit(2) from None
+        from adspine.data.images import LargeImageWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            warnings.simplefilter("always", LargeImageWarning)
+            try:
+                return func(*args, **kwargs)
+            except DatasetError as exc:
+                err_console.print(f"[red]error: {escape(str(exc))}[/red]")
+                raise typer.Exit(2) from None
+            finally:
+                for message in dict.fromkeys(str(w.message) for w in caught):  # one line each, no repeats
+                    err_console.print(f"[yellow]warning: {escape(message)}[/yellow]")
 
     return wrapper  # type: ignore[return-value]
 
@@ -47,13 +60,16 @@ def synth(
     n_per_defect: Annotated[int, typer.Option(help="Test images per defect type and category.")] = 4,
     category: Annotated[list[str] | None, typer.Option(help="Only this category (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic dataset in --out.")] = False,
+    aspect: Annotated[int, typer.Option(help="Images this many times as wide as high (rows of squares).")] = 1,
+    masks: Annotated[bool, typer.Option(help="Write ground-truth masks (--no-masks: image-level only).")] = True,
 ) -> None:
     """Generate the synthetic MVTec-format dataset (3 textures, 2 objects, exact masks), deterministic by seed."""
     from adspine.data.synth import generate
 
     start = time.perf_counter()
     root = generate(out, seed=seed, size=size, n_train=n_train, n_test_good=n_test_good,
-                    n_per_defect=n_per_defect, categories=category or None, overwrite=overwrite)
+                    n_per_defect=n_per_defect, categories=category or None, overwrite=overwrite, aspect=aspect,
+                    masks=masks)
     images = sum(1 for p in root.rglob("*.png") if "ground_truth" not in p.parts)
     console.print(f"wrote {images} images to {escape(str(root))} (seed {seed}) in {time.perf_counter() - start:.1f} s")
 
@@ -87,16 +103,22 @@ def magnetic_tile(
 @app.command()
 @one_line_errors
 def summary(
-    root: Annotated[Path, typer.Argument(help="Dataset root holding <category>/train, <category>/test.")],
+    root: Annotated[Path, typer.Argument(help="Dataset root (folder, or the CSV of a manifest).")],
+    format: Annotated[str, typer.Option("--format", help="auto, mvtec, visa, folder or manifest.")] = "auto",
+    mask_pattern: Annotated[str | None, typer.Option(help="Mask file name, e.g. '{stem}.png' (mvtec, folder).")] = None,
     quick: Annotated[bool, typer.Option(help="Skip decoding every image (headers only).")] = False,
 ) -> None:
-    """Per category: counts per split and defect type, and image sizes (validates the dataset)."""
+    """Per category: counts per split and defect type, masks (yes / no / partial), image sizes, skipped broken links
+    (validates the dataset)."""
     from adspine.data.summary import dataset_name, size_text, summarize
 
-    rows = summarize(root, verify=not quick)
+    rows = summarize(root, verify=not quick, format=format, mask_pattern=mask_pattern)
     name = dataset_name(root)
-    table = Table(title=f"{escape(str(root))}" + (f" ({escape(name)})" if name else ""), show_edge=False)
-    for column in ("category", "kind", "train", "test\ngood", "test\ndefective", "defect types", "image size\n(WxH)"):
+    fmt = rows[0]["format"] if rows else format
+    table = Table(title=f"{escape(str(root))} ({fmt}" + (f", {escape(name)})" if name else ")"), show_edge=False)
+    columns = ("category", "kind", "train", "test\ngood", "test\ndefective", "defect types", "masks",
+               "image size\n(WxH)")
+    for column in columns:
         numeric = column.startswith(("train", "test"))
         wrap = column.startswith("image")
         table.add_column(
@@ -105,5 +127,27 @@ def summary(
     for row in rows:
         defects = "\n".join(f"{d} {n}" for d, n in row["defects"].items())
         table.add_row(row["category"], row["kind"] or "-", str(row["train"]), str(row["test_good"]),
-                      str(row["test_defective"]), escape(defects), size_text(row))
+                      str(row["test_defective"]), escape(defects), row["masks"], size_text(row))
     console.print(table)
+    for row in rows:
+        if row["skipped"]:
+            console.print(f"{row['category']}: skipped {row['skipped']} broken or looping link(s)")
+
+
+@app.command("masks-from-labelme")
+@one_line_errors
+def masks_from_labelme(
+    src: Annotated[Path, typer.Argument(help="A folder of LabelMe .json files (searched recursively) or one file.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the masks and labels.csv (absent or empty).")],
+) -> None:
+    """Rasterise LabelMe polygons, rectangles and circles into 0/255 PNG masks; prints the counts."""
+    from adspine.data.labelme import LABELS_FILE
+    from adspine.data.labelme import masks_from_labelme as convert
+
+    counts = convert(src, out)
+    shapes = ", ".join(f"{k} {v}" for k, v in counts["shapes"].items()) or "none"
+    defects = ", ".join(f"{k} {v}" for k, v in counts["defects"].items()) or "none"
+    console.print(f"{counts['files']} files: {counts['defective']} defective with masks, {counts['good']} good "
+                  f"(empty masks), {counts['image_level']} defective without shapes (image level)")
+    console.print(f"shapes: {shapes}; defects: {defects}")
+    console.print(f"wrote masks and {LABELS_FILE} to {escape(str(out))}")

@@ -7,29 +7,34 @@ Conventions (documented choices):
 - palette (``P``) images are expanded through their palette;
 - 16-bit greyscale (``I;16*``) and 32-bit integer (``I``) images are taken on the 16-bit scale (divided by 65535,
   clipped to [0, 1]);
-- masks are binarised at > 127 on the 8-bit scale: 16-bit masks at > 127 * 257 (the same fraction of full scale),
-  colour masks if any channel is > 127, ``1``-mode masks as stored.
+- masks are binarised at > 127 on the 8-bit scale (VisA-style masks pass ``threshold=0``): 16-bit masks at
+  > threshold * 257 (the same fraction of full scale), colour masks if any channel is above it, ``1``-mode masks as
+  stored.
+
+Broken or looping symbolic links are skipped by ``list_images`` and returned separately so that readers can count
+them. Pillow's ``DecompressionBombWarning`` (a very large image) becomes one ``LargeImageWarning`` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile
 
+from adspine.data.errors import DatasetError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MASK_THRESHOLD = 127
 
 
-class DatasetError(ValueError):
-    """Bad dataset input; the one-line message starts with the offending path or value."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+class LargeImageWarning(UserWarning):
+    """An image above Pillow's decompression-bomb limit was opened (once per file, naming it)."""
 
 
 def is_image_file(path: Path) -> bool:
@@ -37,9 +42,44 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_broken_link(path: Path) -> bool:
+    """True for a symbolic link whose target is missing or loops (``exists()`` follows the link)."""
+    return path.is_symlink() and not path.exists()
+
+
+def list_images_and_broken_links(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, broken or looping links) directly inside ``folder``, each sorted by name."""
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    images = [p for p in entries if is_image_file(p)]
+    broken = [p for p in entries if not p.name.startswith(".") and is_broken_link(p)]
+    return images, broken
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; stray non-image and hidden files are skipped."""
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    """Image files directly inside ``folder``, sorted by name; stray non-image and hidden files and broken links are
+    skipped."""
+    return list_images_and_broken_links(folder)[0]
+
+
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide: one header parse at a time
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` with Pillow's DecompressionBombWarning replaced by one LargeImageWarning naming the file."""
+    with _OPEN_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = Image.open(path)
+    for item in caught:
+        if issubclass(item.category, Image.DecompressionBombWarning):
+            width, height = image.size
+            warnings.warn(
+                f"{path}: very large image ({width}x{height} = {width * height} pixels, above Pillow's "
+                f"decompression-bomb limit {Image.MAX_IMAGE_PIXELS}); loaded anyway",
+                LargeImageWarning, stacklevel=3,
+            )
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    return image
 
 
 @contextlib.contextmanager
@@ -57,7 +97,7 @@ def open_decoded(path: Path | str) -> Image.Image:
     """Open and fully decode an image; unreadable or truncated files raise DatasetError naming the path."""
     path = Path(path)
     try:
-        with _strict_decoding(), Image.open(path) as image:
+        with _strict_decoding(), _open(path) as image:
             image.load()
             return image.copy()
     except FileNotFoundError:
@@ -70,7 +110,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
             return image.size
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
@@ -91,18 +131,18 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def mask_from_image(image: Image.Image) -> np.ndarray:
-    """Pillow mask image -> bool (H, W): > 127 on the 8-bit scale (16-bit scaled; colour: any channel)."""
+def mask_from_image(image: Image.Image, threshold: int = MASK_THRESHOLD) -> np.ndarray:
+    """Pillow mask image -> bool (H, W): > ``threshold`` on the 8-bit scale (16-bit scaled; colour: any channel)."""
     mode = image.mode
     if mode == "1":
         return np.asarray(image, dtype=bool).copy()
     if mode in SIXTEEN_BIT_MODES:
-        return np.asarray(image).astype(np.int64) > MASK_THRESHOLD * 257
+        return np.asarray(image).astype(np.int64) > threshold * 257
     if mode == "F":
         raise ValueError("floating-point masks (mode F) are not supported")
     if mode in ("L", "LA"):
-        return np.asarray(image.convert("L")) > MASK_THRESHOLD
-    return (np.asarray(image.convert("RGB")) > MASK_THRESHOLD).any(axis=2)
+        return np.asarray(image.convert("L")) > threshold
+    return (np.asarray(image.convert("RGB")) > threshold).any(axis=2)
 
 
 def load_rgb(path: Path | str) -> np.ndarray:
@@ -114,10 +154,10 @@ def load_rgb(path: Path | str) -> np.ndarray:
         raise DatasetError(f"{path}: {exc}") from None
 
 
-def load_mask(path: Path | str) -> np.ndarray:
-    """Read a mask file -> bool (H, W), binarised at > 127 on the 8-bit scale."""
+def load_mask(path: Path | str, threshold: int = MASK_THRESHOLD) -> np.ndarray:
+    """Read a mask file -> bool (H, W), binarised at > ``threshold`` (default 127) on the 8-bit scale."""
     image = open_decoded(path)
     try:
-        return mask_from_image(image)
+        return mask_from_image(image, threshold)
     except ValueError as exc:
         raise DatasetError(f"{path}: {exc}") from None

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from adspine.data.category import DATASET_FILE, prepare_output
 from adspine.data.images import DatasetError, load_mask, open_decoded
-from adspine.data.mvtec import DATASET_FILE, prepare_output
 
 CATEGORY = "magnetic_tile"
 DATASET_NAME = "magnetic-tile"

@@ -1,111 +1,78 @@
-"""MVTec AD-format datasets: scan and validate a category, and serve preprocessed items as a torch Dataset.
+"""MVTec AD-format datasets (also BTAD and MPDD): list and scan categories; imports no torch.
 
-Layout: ``<root>/<category>/train/good/*``, ``<category>/test/good/*``, ``<category>/test/<defect>/*`` and
-``<category>/ground_truth/<defect>/<stem>_mask.png``. Category kinds come from ``<root>/adspine_dataset.json``
-(``{"name": ..., "categories": {"<cat>": {"kind": "texture"}}}``), else from the built-in MVTec AD list, else None.
+Layout: ``<root>/<category>/train/<good>/*``, ``<category>/test/<good>/*``, ``<category>/test/<defect>/*`` and
+masks ``<category>/ground_truth/<defect>/<mask_pattern>``. ``<good>`` is ``good`` (MVTec AD, MPDD) or ``ok`` (BTAD,
+whose defect folder is ``ko``). Mask names: ``{stem}_mask.png`` (MVTec AD, MPDD), ``{stem}.png`` / ``{stem}.bmp``
+(BTAD); with ``mask_pattern=None`` the common variants are tried (``{stem}_mask.<ext>``, ``{stem}.<ext>`` for every
+image extension) and a defect image matching two of them is refused as ambiguous. Defect folders without any mask
+(no ``ground_truth/<defect>``) are image-level (see ``adspine.data.category`` for the mask rules). Category kinds come
+from ``<root>/adspine_dataset.json`` (``{"name": ..., "categories": {"<cat>": {"kind": "texture"}}}``), else from the
+built-in MVTec AD list, else None.
+
+``ImageDataset``, ``preprocess`` (torch) live in ``adspine.data.transforms``; they are importable from here too.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
-
-from adspine.data.images import IMAGE_EXTENSIONS, DatasetError, list_images, load_mask, load_rgb, open_decoded
+from adspine.data.category import (
+    DATASET_FILE,
+    KINDS,
+    MVTEC_AD_KINDS,
+    CategoryData,
+    Sample,
+    check_files,
+    check_mask_mode,
+    enforce_mask_policy,
+    kinds_for,
+    prepare_output,
+    read_dataset_file,
+    sort_samples,
+)
+from adspine.data.geometry import PROTOCOLS, paper_resize_size
+from adspine.data.images import IMAGE_EXTENSIONS, DatasetError, list_images, list_images_and_broken_links
 
 __all__ = [
     "DATASET_FILE",
+    "DEFAULT_MASK_PATTERN",
+    "GOOD_FOLDERS",
     "KINDS",
     "MVTEC_AD_KINDS",
     "PROTOCOLS",
     "CategoryData",
     "DatasetError",
-    "ImageDataset",
     "Sample",
     "category_kinds",
-    "read_dataset_file",
     "list_categories",
     "mask_path_for",
     "paper_resize_size",
     "prepare_output",
-    "preprocess",
+    "read_dataset_file",
     "scan_category",
 ]
 
-DATASET_FILE = "adspine_dataset.json"
-KINDS = ("texture", "object")
-PROTOCOLS = ("paper", "resize")
-MVTEC_AD_KINDS = {
-    **{name: "texture" for name in ("carpet", "grid", "leather", "tile", "wood")},
-    **{
-        name: "object"
-        for name in (
-            "bottle", "cable", "capsule", "hazelnut", "metal_nut",
-            "pill", "screw", "toothbrush", "transistor", "zipper",
-        )
-    },
-}
+DEFAULT_MASK_PATTERN = "{stem}_mask.png"
+GOOD_FOLDERS = ("good", "ok")
+MASK_PATTERNS = tuple(
+    [DEFAULT_MASK_PATTERN] + [f"{{stem}}_mask{ext}" for ext in IMAGE_EXTENSIONS if ext != ".png"]
+    + [f"{{stem}}{ext}" for ext in IMAGE_EXTENSIONS]
+)
 
 
-@dataclass
-class Sample:
-    """One image: label 0 = good, 1 = defective; ``mask_path`` is None for good images."""
+def __getattr__(name: str):
+    """Torch-backed names, imported on first use so that scanning a dataset never imports torch."""
+    if name in ("ImageDataset", "preprocess"):
+        from adspine.data import transforms
 
-    path: Path
-    label: int
-    defect: str
-    mask_path: Path | None
-
-
-@dataclass
-class CategoryData:
-    """A validated category: its train (good only) and test samples, sorted by defect then file name."""
-
-    root: Path
-    name: str
-    kind: str | None
-    train: list[Sample] = field(default_factory=list)
-    test: list[Sample] = field(default_factory=list)
-
-
-def read_dataset_file(root: Path) -> dict | None:
-    """The parsed ``<root>/adspine_dataset.json``, or None when there is none."""
-    path = root / DATASET_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: unreadable dataset description ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("categories", {}), dict):
-        raise DatasetError(f"{path}: expected an object with a 'categories' object")
-    return meta
+        return getattr(transforms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def category_kinds(root: Path | str) -> dict[str, str | None]:
     """Kind ("texture", "object" or None) of every category under ``root``."""
     root = Path(root)
-    meta = read_dataset_file(root)
-    declared = meta.get("categories", {}) if meta else {}
-    kinds: dict[str, str | None] = {}
-    for name in list_categories(root):
-        entry = declared.get(name)
-        kind = entry["kind"] if isinstance(entry, dict) and "kind" in entry else MVTEC_AD_KINDS.get(name)
-        if kind is not None and kind not in KINDS:
-            raise DatasetError(
-                f"{root / DATASET_FILE}: category {name!r} has kind {kind!r} (valid: {', '.join(KINDS)})"
-            )
-        kinds[name] = kind
-    return kinds
+    return kinds_for(root, list_categories(root))
 
 
 def list_categories(root: Path | str) -> list[str]:
@@ -122,160 +89,125 @@ def list_categories(root: Path | str) -> list[str]:
     return names
 
 
-def mask_path_for(category_dir: Path, defect: str, image_path: Path) -> Path | None:
-    """The mask of a defect image: ``ground_truth/<defect>/<stem>_mask.png`` (or another image extension, or
-    ``<stem>.<ext>`` as some MVTec-format datasets name them); None if there is none."""
-    folder = category_dir / "ground_truth" / defect
-    stem = image_path.stem
-    candidates = [folder / f"{stem}_mask.png"]
-    candidates += [folder / f"{stem}_mask{ext}" for ext in IMAGE_EXTENSIONS if ext != ".png"]
-    candidates += [folder / f"{stem}{ext}" for ext in IMAGE_EXTENSIONS]
-    return next((c for c in candidates if c.is_file()), None)
+def _check_pattern(pattern: str) -> None:
+    if not isinstance(pattern, str) or "{stem}" not in pattern or "/" in pattern or "\\" in pattern:
+        raise DatasetError(f"mask_pattern={pattern!r}: must be a file name containing {{stem}} (e.g. "
+                           f"{DEFAULT_MASK_PATTERN!r}, '{{stem}}.png', '{{stem}}.bmp')")
+    try:
+        pattern.format(stem="x")
+    except (KeyError, IndexError, ValueError):
+        raise DatasetError(f"mask_pattern={pattern!r}: only the {{stem}} placeholder is allowed") from None
 
 
-def _images_in(folder: Path) -> list[Path]:
+def mask_path_for(
+    category_dir: Path,
+    defect: str,
+    image_path: Path,
+    mask_pattern: str | None = None,
+    mask_folder: str = "ground_truth",
+) -> Path | None:
+    """The mask of a defect image in ``<category_dir>/<mask_folder>/<defect>/``, or None if there is none.
+
+    ``mask_pattern`` (``{stem}`` = the image's file name without extension) names it; None tries ``MASK_PATTERNS``
+    and refuses a file matched by two of them as ambiguous."""
+    folder = category_dir / mask_folder / defect
+    patterns = (mask_pattern,) if mask_pattern is not None else MASK_PATTERNS
+    found = [folder / p.format(stem=image_path.stem) for p in patterns]
+    found = [c for c in found if c.is_file()]
+    if len(found) > 1:
+        names = ", ".join(c.name for c in found)
+        raise DatasetError(f"{image_path}: ambiguous mask ({names} in {folder}); pass a mask_pattern such as "
+                           f"{DEFAULT_MASK_PATTERN!r} or '{{stem}}.png'")
+    return found[0] if found else None
+
+
+def images_in(folder: Path, skipped: list[Path]) -> list[Path]:
+    """Images of one split folder (broken links are appended to ``skipped``); a missing or empty folder is an
+    error naming it."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: missing folder")
-    images = list_images(folder)
+    images, broken = list_images_and_broken_links(folder)
+    skipped.extend(broken)
     if not images:
         raise DatasetError(f"{folder}: empty split (no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images)")
     return images
 
 
-def _decoded_size(path: Path) -> tuple[int, int]:
-    return open_decoded(path).size
+def good_folder(category_dir: Path) -> str:
+    """``good`` (MVTec AD, MPDD) or ``ok`` (BTAD): the defect-free folder name, as found in ``test/``."""
+    present = [g for g in GOOD_FOLDERS if (category_dir / "test" / g).is_dir()]
+    if len(present) > 1:
+        raise DatasetError(f"{category_dir / 'test'}: both good/ and ok/ present (one defect-free folder expected)")
+    return present[0] if present else GOOD_FOLDERS[0]
 
 
-def _check_files(samples: list[Sample], workers: int) -> None:
-    """Decode every image and mask fully (threads: Pillow releases the GIL) and compare mask and image sizes."""
-    paths = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = dict(zip(paths, pool.map(_decoded_size, paths)))
-    for s in samples:
-        if s.mask_path is not None and sizes[s.mask_path] != sizes[s.path]:
-            (mw, mh), (iw, ih) = sizes[s.mask_path], sizes[s.path]
-            raise DatasetError(f"{s.mask_path}: mask size {mw}x{mh} differs from its image {s.path} ({iw}x{ih})")
+def scan_tree(
+    category_dir: Path,
+    name: str,
+    kind: str | None,
+    format: str = "mvtec",
+    mask_folder: str = "ground_truth",
+    masks: str = "required",
+    mask_pattern: str | None = None,
+    verify: bool = True,
+    workers: int | None = None,
+) -> CategoryData:
+    """Scan a ``train/<good>``, ``test/<good>``, ``test/<defect>`` tree with masks under ``<mask_folder>/<defect>``
+    (shared by the ``mvtec`` and ``folder`` readers)."""
+    check_mask_mode(masks)
+    if mask_pattern is not None:
+        _check_pattern(mask_pattern)
+    skipped: list[Path] = []
+    good = good_folder(category_dir)
+    train = [Sample(p, 0, "good", None) for p in images_in(category_dir / "train" / good, skipped)]
+    test_dir = category_dir / "test"
+    if not test_dir.is_dir():
+        raise DatasetError(f"{test_dir}: missing folder")
+    test = [Sample(p, 0, "good", None) for p in images_in(test_dir / good, skipped)]
+    defects = sorted(
+        p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != good
+    )
+    if not defects:
+        raise DatasetError(f"{test_dir}: no defect folders (expected test/<defect>/ beside test/{good}/)")
+    for defect in defects:
+        samples = [Sample(p, 1, defect, mask_path_for(category_dir, defect, p, mask_pattern, mask_folder))
+                   for p in images_in(test_dir / defect, skipped)]
+        mask_dir = category_dir / mask_folder / defect
+        if all(s.mask_path is None for s in samples) and mask_dir.is_dir() and list_images(mask_dir):
+            pattern = mask_pattern or " / ".join(MASK_PATTERNS[:1] + ("{stem}.<ext>",))
+            raise DatasetError(f"{mask_dir}: holds masks but none is named after a {defect!r} image by "
+                               f"{pattern} (e.g. {list_images(mask_dir)[0].name}); pass mask_pattern")
+        test.extend(samples)
+
+    def expected(sample: Sample) -> Path:
+        pattern = mask_pattern or DEFAULT_MASK_PATTERN
+        return category_dir / mask_folder / sample.defect / pattern.format(stem=sample.path.stem)
+
+    enforce_mask_policy(test, masks, where=lambda defect: str(test_dir / defect), expected=expected)
+    if verify:
+        check_files(train + test, workers)
+    return CategoryData(root=category_dir.parent, name=name, kind=kind, train=train, test=sort_samples(test),
+                        format=format, skipped=skipped)
 
 
-def scan_category(root: Path | str, name: str, verify: bool = True, workers: int | None = None) -> CategoryData:
+def scan_category(
+    root: Path | str,
+    name: str,
+    verify: bool = True,
+    workers: int | None = None,
+    masks: str = "required",
+    mask_pattern: str | None = None,
+) -> CategoryData:
     """Find and validate one category; with ``verify`` every image and mask is fully decoded and size-checked.
 
     Raises DatasetError (message starts with the offending path) for: unknown category, missing ``train/good`` or
-    ``test``, an empty split, an unreadable or truncated image, a defect image without a mask, a mask whose size
-    differs from its image. Stray non-image and hidden files are skipped.
+    ``test``, an empty split, an unreadable or truncated image, a partial mix of masked and unmasked defect images
+    (unless ``masks="optional"``), an ambiguous mask name, a mask whose size differs from its image. Stray non-image
+    and hidden files are skipped; broken or looping links are skipped and listed in ``CategoryData.skipped``.
     """
     root = Path(root)
     categories = list_categories(root)
     if name not in categories:
         raise DatasetError(f"{root / name}: unknown category {name!r} (valid: {', '.join(categories)})")
     kind = category_kinds(root)[name]
-    cat_dir = root / name
-    train = [Sample(p, 0, "good", None) for p in _images_in(cat_dir / "train" / "good")]
-    test_dir = cat_dir / "test"
-    if not test_dir.is_dir():
-        raise DatasetError(f"{test_dir}: missing folder")
-    test = [Sample(p, 0, "good", None) for p in _images_in(test_dir / "good")]
-    defects = sorted(
-        p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "good"
-    )
-    if not defects:
-        raise DatasetError(f"{test_dir}: no defect folders (expected test/<defect>/ beside test/good/)")
-    for defect in defects:
-        for image_path in _images_in(test_dir / defect):
-            mask = mask_path_for(cat_dir, defect, image_path)
-            if mask is None:
-                expected = cat_dir / "ground_truth" / defect / f"{image_path.stem}_mask.png"
-                raise DatasetError(f"{image_path}: defect image has no mask (expected {expected})")
-            test.append(Sample(image_path, 1, defect, mask))
-    if verify:
-        _check_files(train + test, workers if workers is not None else min(4, os.cpu_count() or 1))
-    return CategoryData(root=root, name=name, kind=kind, train=train, test=test)
-
-
-def paper_resize_size(size: int) -> int:
-    """Side of the square resize before the centre crop in the ``paper`` protocol (256 for 224)."""
-    return round(size * 256 / 224)
-
-
-def _check_protocol(protocol: str, size: int) -> None:
-    if protocol not in PROTOCOLS:
-        raise DatasetError(f"{protocol!r}: unknown protocol (valid: {', '.join(PROTOCOLS)})")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise DatasetError(f"size={size!r}: image size must be an integer >= 8")
-
-
-def preprocess(
-    image: np.ndarray, mask: np.ndarray | None, protocol: str = "paper", size: int = 224
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float (H, W, 3) image and bool (H, W) mask (or None) -> (FloatTensor (3, S, S) in [0, 1], BoolTensor (S, S)).
-
-    ``paper``: resize to ``round(size * 256 / 224)`` square, then centre-crop ``size``; ``resize``: resize to ``size``
-    square. Images: bilinear with antialiasing (torchvision); masks: nearest with pixel-centre alignment
-    (``NEAREST_EXACT``, as Pillow's nearest), then the same crop.
-    """
-    _check_protocol(protocol, size)
-    side = paper_resize_size(size) if protocol == "paper" else size
-    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    img = TF.resize(img, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True).clamp_(0.0, 1.0)
-    if mask is None:
-        msk = torch.zeros(1, side, side, dtype=torch.uint8)
-    else:
-        msk = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None]
-        msk = TF.resize(msk, [side, side], interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
-    if protocol == "paper":
-        img, msk = TF.center_crop(img, [size, size]), TF.center_crop(msk, [size, size])
-    return img.contiguous(), msk[0].bool()
-
-
-class ImageDataset(Dataset):
-    """Samples -> dicts ``{"image": (3, S, S) float in [0, 1] (not normalised), "mask": (S, S) bool, "label": int,
-    "defect": str, "path": str}`` under the ``paper`` or ``resize`` protocol."""
-
-    def __init__(self, samples: list[Sample], protocol: str = "paper", size: int = 224):
-        _check_protocol(protocol, size)
-        self.samples = list(samples)
-        self.protocol = protocol
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        image = load_rgb(sample.path)
-        mask = None
-        if sample.mask_path is not None:
-            mask = load_mask(sample.mask_path)
-            if mask.shape != image.shape[:2]:
-                raise DatasetError(
-                    f"{sample.mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
-                    f"{sample.path} ({image.shape[1]}x{image.shape[0]})"
-                )
-        img, msk = preprocess(image, mask, self.protocol, self.size)
-        return {
-            "image": img, "mask": msk, "label": int(sample.label), "defect": sample.defect, "path": str(sample.path)
-        }
-
-
-def prepare_output(out: Path, dataset_name: str, entries: list[str], overwrite: bool) -> None:
-    """Make ``out`` ready for a generated dataset: it must be absent or empty, or (with ``overwrite``) hold an
-    earlier dataset named ``dataset_name``, whose ``entries`` (relative names) are then removed."""
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out}: output path exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
-        return
-    meta = None
-    try:
-        meta = read_dataset_file(out)
-    except DatasetError:
-        pass
-    if not overwrite or not meta or meta.get("name") != dataset_name:
-        hint = " (pass --overwrite to replace it)" if meta and meta.get("name") == dataset_name else ""
-        raise DatasetError(f"{out}: output folder is not empty{hint}")
-    for entry in entries:
-        target = out / entry
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
+    return scan_tree(root / name, name, kind, "mvtec", "ground_truth", masks, mask_pattern, verify, workers)

@@ -1,30 +1,38 @@
-"""Dataset summary: per category, counts per split and defect type, and image sizes."""
+"""Dataset summary, any layout: per category, counts per split and defect type, masks, image sizes, skipped links."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+from adspine.data.category import read_dataset_file
 from adspine.data.images import image_size
-from adspine.data.mvtec import read_dataset_file, list_categories, scan_category
+from adspine.data.readers import detect_format, list_categories, scan
 
 
-def summarize(root: Path | str, verify: bool = True) -> list[dict]:
-    """One validated dict per category: ``category, kind, train, test_good, test_defective, defects`` (count per
-    defect type), ``images`` (all), ``sizes`` (count per distinct ``"WxH"``), ``width`` and ``height`` ([min, max])."""
-    root = Path(root)
+def summarize(
+    root: Path | str, verify: bool = True, format: str = "auto", masks: str = "optional",
+    mask_pattern: str | None = None,
+) -> list[dict]:
+    """One validated dict per category: ``category, kind, format, train, test_good, test_defective, defects`` (count
+    per defect type), ``masks`` (``yes`` / ``no`` / ``partial``), ``skipped`` (broken or looping links), ``images``
+    (all), ``sizes`` (count per distinct ``"WxH"``), ``width`` and ``height`` ([min, max])."""
+    fmt = detect_format(root) if format == "auto" else format
     rows = []
-    for name in list_categories(root):
-        data = scan_category(root, name, verify=verify)
+    for name in list_categories(root, fmt):
+        data = scan(root, name, fmt, masks, mask_pattern, verify)
         sizes = Counter(image_size(s.path) for s in data.train + data.test)
         defects = Counter(s.defect for s in data.test if s.label == 1)
         rows.append({
             "category": name,
             "kind": data.kind,
+            "format": data.format,
             "train": len(data.train),
             "test_good": sum(1 for s in data.test if s.label == 0),
             "test_defective": sum(defects.values()),
             "defects": dict(sorted(defects.items())),
+            "masks": data.masks,
+            "skipped": len(data.skipped),
             "images": len(data.train) + len(data.test),
             "sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
             "width": [min(w for w, _ in sizes), max(w for w, _ in sizes)],
@@ -35,7 +43,8 @@ def summarize(root: Path | str, verify: bool = True) -> list[dict]:
 
 def dataset_name(root: Path | str) -> str | None:
     """The ``name`` recorded in ``adspine_dataset.json``, if any."""
-    meta = read_dataset_file(Path(root))
+    root = Path(root)
+    meta = read_dataset_file(root) if root.is_dir() else None
     return meta.get("name") if meta else None
 
 

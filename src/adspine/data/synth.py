@@ -10,6 +10,10 @@ away from the border of texture images so the ``paper`` centre crop keeps them.
 Every image has its own generator ``numpy.random.default_rng([seed, crc32(category), split_code, index])``
 (``split_code``: 0 train/good, 1 test/good, 2 + index in ``DEFECTS`` for a defect), so files do not depend on the
 order of generation and the same seed gives byte-identical PNG files.
+
+Variants for other layouts' tests: ``aspect=k`` writes wide images (``size`` high, ``k * size`` wide), each a row of
+``k`` independently drawn squares (square ``j > 0`` of an image uses ``default_rng([..., index, j])``) with the defect,
+if any, in square ``index % k``; ``masks=False`` writes no ``ground_truth`` (an image-level-only dataset).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from adspine.data.category import DATASET_FILE, prepare_output
 from adspine.data.images import DatasetError
-from adspine.data.mvtec import DATASET_FILE, prepare_output
 
 DATASET_NAME = "synthetic"
 CATEGORIES = {"fabric": "texture", "wood": "texture", "tiles": "texture", "nut": "object", "chip": "object"}
@@ -353,6 +357,30 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=6)
 
 
+def _tile_rng(seed: int, category: str, split_code: int, index: int, tile: int) -> np.random.Generator:
+    if tile == 0:
+        return _image_rng(seed, category, split_code, index)
+    return np.random.default_rng([seed, zlib.crc32(category.encode()), split_code, index, tile])
+
+
+def render_row(
+    category: str, seed: int, split_code: int, index: int, size: int, aspect: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image (size, aspect * size, 3), bool mask): ``aspect`` squares side by side; for a defect split code
+    square ``index % aspect`` holds the defect (the mask is empty for good images)."""
+    tiles, masks = [], []
+    defect = DEFECTS[split_code - 2] if split_code >= 2 else None
+    for tile in range(aspect):
+        rng = _tile_rng(seed, category, split_code, index, tile)
+        if defect is not None and tile == index % aspect:
+            _, image, mask = render_defective(category, defect, rng, size)
+        else:
+            image, mask = render_good(category, rng, size), np.zeros((size, size), dtype=bool)
+        tiles.append(image)
+        masks.append(mask)
+    return np.concatenate(tiles, axis=1), np.concatenate(masks, axis=1)
+
+
 def generate(
     out: Path | str,
     seed: int = 0,
@@ -362,13 +390,16 @@ def generate(
     n_per_defect: int = 4,
     categories: list[str] | None = None,
     overwrite: bool = False,
+    aspect: int = 1,
+    masks: bool = True,
 ) -> Path:
     """Write the synthetic MVTec-format dataset and ``adspine_dataset.json`` into ``out``; returns ``out``.
 
+    ``aspect``: images ``aspect`` times as wide as high; ``masks=False``: no ``ground_truth`` (image level only).
     ``out`` must be absent or empty, or hold an earlier synthetic dataset and ``overwrite`` be set."""
     out = Path(out)
     for name, value, low in (("size", size, MIN_SIZE), ("n_train", n_train, 1), ("n_test_good", n_test_good, 1),
-                             ("n_per_defect", n_per_defect, 1), ("seed", seed, 0)):
+                             ("n_per_defect", n_per_defect, 1), ("seed", seed, 0), ("aspect", aspect, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DatasetError(f"{name}={value!r}: must be an integer >= {low}")
     chosen = list(CATEGORIES) if categories is None else list(categories)
@@ -378,34 +409,34 @@ def generate(
     prepare_output(out, DATASET_NAME, list(CATEGORIES) + [DATASET_FILE], overwrite)
     for category in chosen:
         cat = out / category
-        folder = cat / "train" / "good"
-        folder.mkdir(parents=True)
-        for i in range(n_train):
-            _save_png(render_good(category, _image_rng(seed, category, 0, i), size), folder / f"{i:03d}.png")
-        folder = cat / "test" / "good"
-        folder.mkdir(parents=True)
-        for i in range(n_test_good):
-            _save_png(render_good(category, _image_rng(seed, category, 1, i), size), folder / f"{i:03d}.png")
+        good_splits = ((0, cat / "train" / "good", n_train), (1, cat / "test" / "good", n_test_good))
+        for split_code, folder, count in good_splits:
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _save_png(render_row(category, seed, split_code, i, size, aspect)[0], folder / f"{i:03d}.png")
         for defect in defects_for(category):
             folder, gt = cat / "test" / defect, cat / "ground_truth" / defect
             folder.mkdir(parents=True)
-            gt.mkdir(parents=True)
+            if masks:
+                gt.mkdir(parents=True)
             for i in range(n_per_defect):
-                rng = _image_rng(seed, category, 2 + DEFECTS.index(defect), i)
-                _, bad, mask = render_defective(category, defect, rng, size)
+                bad, mask = render_row(category, seed, 2 + DEFECTS.index(defect), i, size, aspect)
                 _save_png(bad, folder / f"{i:03d}.png")
-                _save_png(mask.astype(np.uint8) * 255, gt / f"{i:03d}_mask.png")
+                if masks:
+                    _save_png(mask.astype(np.uint8) * 255, gt / f"{i:03d}_mask.png")
     meta = {
         "name": DATASET_NAME,
         "generator": {
             "module": "adspine.data.synth",
             "seed": seed,
             "size": size,
+            "aspect": aspect,
+            "masks": masks,
             "n_train": n_train,
             "n_test_good": n_test_good,
             "n_per_defect": n_per_defect,
             "rng": "numpy.random.default_rng([seed, zlib.crc32(category), split_code, index]); split_code 0 = "
-            "train/good, 1 = test/good, 2 + DEFECTS.index(defect)",
+            "train/good, 1 = test/good, 2 + DEFECTS.index(defect); square j > 0 of a wide image appends j",
             "defects": list(DEFECTS),
         },
         "categories": {c: {"kind": CATEGORIES[c], "defects": list(defects_for(c))} for c in chosen},

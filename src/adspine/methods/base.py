@@ -1,32 +1,81 @@
 """The small estimator surface every method implements, and its safetensors + JSON persistence.
 
 A method sees only feature maps: ``fit`` consumes an iterable of training batches, each a list of per-layer tensors
-``(B, C_i, h_i, w_i)`` ordered shallow to deep (as the backbone extractor returns them); ``predict`` takes one such
-batch of test features and the input image size and returns an anomaly map per image at that size plus an image score.
+``(B, C_i, h_i, w_i)`` ordered shallow to deep (as the backbone extractor returns them) plus the extractor's layer
+records; ``predict`` takes one such batch of test features and the input image size (H, W) and returns an anomaly map
+per image at that size plus an image score.
+
+Conventions (as scikit-learn's estimators): constructor arguments are stored under their own names and are the
+method's settings (``settings()`` reads them off the signature; ``clone(**changes)`` rebuilds); fitted state lives in
+attributes whose names end with ``_`` (tensors are saved as safetensors, plain values as JSON); the base class checks
+every batch against the layer records once, so methods do not re-validate shapes. Each method class declares a
+``MethodInfo`` descriptor next to it, read by the study, its estimate, the report and the CLI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from adspine.features import LayerInfo, describe_maps
 
 TENSORS_FILE = "model.safetensors"
 META_FILE = "model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layer records, fitted attributes by name, model.json covered by a checksum
 
 
 class ModelFileError(ValueError):
     """A saved model folder is missing, incomplete or altered."""
+
+
+class NotFittedError(RuntimeError):
+    """``predict`` or ``save`` before ``fit`` (or ``load``)."""
+
+
+@dataclass(frozen=True)
+class CostShape:
+    """What a dry-run cost model knows of a job: images, per-layer positions (h * w) and channels, Rd dimension."""
+
+    n_train: int
+    n_test: int
+    positions: list[int]
+    channels: list[int]
+    d: int  # channels after Rd (= sum(channels) when none is dropped)
+    backbone_flops: float  # per image
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Descriptor of a method, declared next to its class (``info = MethodInfo(...)``).
+
+    ``draws_rd``: takes ``d`` / ``rd_seed`` settings (one result per Rd seed when channels are dropped);
+    ``seed_setting``: the setting that receives the study's ``seed`` (None: no randomness of its own);
+    ``cost``: FLOPs of fit + predict for a job, ``cost(shape, settings)``, used by the dry-run estimate (None: three
+    backbone passes per image); ``efficiency``: fraction of the measured conv FLOP/s it reaches (calibrated);
+    ``devices``: where it runs; ``exportable``: ONNX export supported.
+    """
+
+    name: str
+    display: str
+    draws_rd: bool = False
+    seed_setting: str | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    exportable: bool = False
+    trains: bool = False
+    cost: Callable[[CostShape, dict], float] | None = None
+    efficiency: float = 1.0
+    summary: str = ""
 
 
 @dataclass
@@ -62,84 +111,196 @@ def _digest(t: torch.Tensor) -> str:
 
 
 class AnomalyMethod:
-    """Base class: subclasses set ``name``, implement ``fit``/``predict``, ``settings`` and ``state_tensors``/
-    ``load_state_tensors``. Settings are plain JSON values given to the constructor."""
+    """Base class: subclasses declare ``info``, store constructor arguments under their own names, implement
+    ``_fit(batches)`` and ``_predict(maps, image_size)``, and keep fitted state in attributes ending with ``_``."""
 
+    info: ClassVar[MethodInfo] = MethodInfo("base", "base")
     name: ClassVar[str] = "base"
 
-    def __init__(self) -> None:
-        self.provenance: dict[str, Any] = {}
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if "info" in cls.__dict__:
+            cls.name = cls.info.name
 
-    # -- estimator surface -------------------------------------------------------------------------------------
-    def fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> "AnomalyMethod":
-        raise NotImplementedError
+    provenance: dict[str, Any]
 
-    def predict(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
-        raise NotImplementedError
+    # -- parameters (scikit-learn style) ----------------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        """Constructor argument names: the method's settings."""
+        sig = inspect.signature(cls.__init__)
+        return tuple(n for n, p in sig.parameters.items()
+                     if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        return {n: _plain(sig.parameters[n].default) for n in cls.param_names()}
 
     def settings(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this method (JSON-serialisable)."""
+        """Constructor arguments that rebuild this method (JSON values), read off the signature."""
+        return {n: _plain(getattr(self, n)) for n in self.param_names()}
+
+    def clone(self, **changes: Any) -> "AnomalyMethod":
+        """A new unfitted method with the same settings, ``changes`` applied."""
+        unknown = sorted(set(changes) - set(self.param_names()))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown setting(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(self.param_names())}")
+        return type(self)(**{**self.settings(), **changes})
+
+    # -- fitted state --------------------------------------------------------------------------------------------
+    def fitted_attributes(self) -> dict[str, Any]:
+        """Fitted state: instance attributes whose names end with ``_`` (not dunder), set to something."""
+        return {k: v for k, v in vars(self).items()
+                if k.endswith("_") and not k.startswith("__") and v is not None}
+
+    def is_fitted(self) -> bool:
+        return getattr(self, "feature_layers_", None) is not None
+
+    def check_fitted(self) -> None:
+        if not self.is_fitted():
+            raise NotFittedError(f"{self.name}: not fitted; call fit() or load() first")
+
+    def _reset(self) -> None:
+        for k in list(self.fitted_attributes()):
+            setattr(self, k, None)
+
+    # -- estimator surface ---------------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Sequence[torch.Tensor]],
+            layers: Sequence[LayerInfo] | None = None) -> "AnomalyMethod":
+        """Fit on training batches (each a list of per-layer maps ``(B, C_i, h_i, w_i)``, shallow to deep).
+
+        ``layers``: the extractor's records for these maps (read off the first batch when not given). Every batch
+        is checked against them here, once, for all methods."""
+        self._reset()
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            raise ValueError(f"{self.name}: fit() got no training batch")
+        recs = tuple(layers) if layers is not None else describe_maps(first)
+        self.feature_layers_ = recs
+        self.check_maps(first)
+
+        def checked() -> Iterator[Sequence[torch.Tensor]]:
+            yield first
+            for b in it:
+                self.check_maps(b)
+                yield b
+
+        try:
+            self._fit(checked())
+        except BaseException:
+            self.feature_layers_ = None
+            raise
+        return self
+
+    def predict(self, features: Sequence[torch.Tensor], image_size: tuple[int, int] | int) -> Prediction:
+        """Anomaly maps at ``image_size`` (H, W) and image scores for one batch of test features."""
+        self.check_fitted()
+        self.check_maps(features)
+        size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        return self._predict(features, size)
+
+    def check_maps(self, maps: Sequence[torch.Tensor]) -> None:
+        """Each map must match its layer record: same count, (B, C, h, w) with the recorded C and grid."""
+        recs = self.feature_layers_
+        if len(maps) != len(recs):
+            raise ValueError(f"{self.name}: got {len(maps)} feature map(s), fitted on {len(recs)} "
+                             f"({', '.join(r.name for r in recs)})")
+        for r, m in zip(recs, maps):
+            if m.ndim != 4 or int(m.shape[1]) != r.channels or tuple(int(s) for s in m.shape[-2:]) != r.grid:
+                raise ValueError(f"{self.name}: feature map of layer {r.name} has shape {tuple(m.shape)}, "
+                                 f"expected (B, {r.channels}, {r.grid[0]}, {r.grid[1]})")
+
+    def _fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> None:
         raise NotImplementedError
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything ``predict`` needs after ``fit``, as named tensors."""
+    def _predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
         raise NotImplementedError
+
+    # -- state for persistence (defaults derived from the fitted attributes) -------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything ``predict`` needs after ``fit``, as named tensors (default: fitted tensor attributes)."""
+        self.check_fitted()
+        return {k: v for k, v in self.fitted_attributes().items() if isinstance(v, torch.Tensor)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        for k, v in tensors.items():
+            setattr(self, k, v)
 
     def extra_state(self) -> dict[str, Any]:
-        """Fitted non-tensor facts to record (e.g. number of training images); JSON values."""
-        return {}
+        """Fitted non-tensor facts (JSON values; default: fitted plain attributes other than the layer records)."""
+        out = {}
+        for k, v in self.fitted_attributes().items():
+            if k == "feature_layers_" or isinstance(v, torch.Tensor):
+                continue
+            out[k] = _plain(v)
+        return out
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
-        pass
+        for k, v in extra.items():
+            if k.endswith("_"):
+                setattr(self, k, v)
 
     # -- persistence ---------------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` and ``model.json`` (settings, provenance, versions, per-tensor SHA-256)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def _meta(self, provenance: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self.check_fitted()
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
-        prov = {**self.provenance, **(provenance or {})}
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.name,
             "settings": self.settings(),
+            "layers": [r.as_dict() for r in self.feature_layers_],
             "extra_state": self.extra_state(),
-            "provenance": prov,
+            "provenance": _plain({**getattr(self, "provenance", {}), **(provenance or {})}),
             "versions": library_versions(),
             "tensors": {
                 k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "sha256": _digest(v)}
                 for k, v in tensors.items()
             },
         }
-        save_file(tensors, str(folder / TENSORS_FILE))
+        return tensors, meta
+
+    def save(self, folder: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` and ``model.json`` (settings, layers, fitted facts, provenance, versions,
+        SHA-256 per tensor). The SHA-256 of everything in ``model.json`` that changes predictions is stored in the
+        safetensors header, so editing either file is detected on load."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, meta = self._meta(provenance)
+        save_file(tensors, str(folder / TENSORS_FILE), metadata={"adspine_meta_sha256": meta_digest(meta)})
         (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "AnomalyMethod":
-        """Rebuild a fitted method from a folder written by ``save``; any missing or altered tensor is an error."""
+        """Rebuild a fitted method from a folder written by ``save``; a missing, malformed or altered file is a
+        ``ModelFileError`` naming it."""
         folder = Path(folder)
         meta_path, tensor_path = folder / META_FILE, folder / TENSORS_FILE
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise ModelFileError(f"{p}: missing model file")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_meta(meta_path)
         from adspine.methods import get_method_class
 
-        klass = get_method_class(meta.get("method", "?")) if cls is AnomalyMethod else cls
-        if klass.name != meta.get("method"):
-            raise ModelFileError(f"{meta_path}: holds a '{meta.get('method')}' model, not '{klass.name}'")
+        try:
+            klass = get_method_class(meta["method"]) if cls is AnomalyMethod else cls
+        except ValueError as e:
+            raise ModelFileError(f"{meta_path}: {e}") from None
+        if klass.name != meta["method"]:
+            raise ModelFileError(f"{meta_path}: holds a '{meta['method']}' model, not '{klass.name}'")
         try:
             tensors = load_file(str(tensor_path))
+            with safe_open(str(tensor_path), framework="pt") as f:
+                header = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFileError(f"{tensor_path}: unreadable safetensors file ({e})") from None
-        expected = meta.get("tensors", {})
+        if header.get("adspine_meta_sha256") != meta_digest(meta):
+            raise ModelFileError(f"{meta_path}: altered (settings, layers or fitted facts differ from the checksum "
+                                 f"stored in {TENSORS_FILE}); save the model again")
+        expected = meta["tensors"]
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise ModelFileError(f"{tensor_path}: missing tensor(s) {', '.join(missing)}")
@@ -147,10 +308,59 @@ class AnomalyMethod:
         if extra:
             raise ModelFileError(f"{tensor_path}: unexpected tensor(s) {', '.join(extra)}")
         for k, info in expected.items():
-            if list(tensors[k].shape) != info["shape"] or _digest(tensors[k]) != info["sha256"]:
+            if list(tensors[k].shape) != info.get("shape") or _digest(tensors[k]) != info.get("sha256"):
                 raise ModelFileError(f"{tensor_path}: tensor '{k}' was altered (shape or checksum differs)")
-        model = klass(**meta["settings"])
-        model.load_state_tensors(tensors)
-        model.load_extra_state(meta.get("extra_state", {}))
+        try:
+            model = klass(**meta["settings"])
+            model.feature_layers_ = tuple(LayerInfo.from_dict(r) for r in meta["layers"])
+            model.load_state_tensors(tensors)
+            model.load_extra_state(meta["extra_state"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise ModelFileError(f"{meta_path}: cannot rebuild the {klass.name} model ({e})") from None
         model.provenance = meta.get("provenance", {})
         return model
+
+
+#: model.json fields that change predictions; their SHA-256 is kept in the safetensors header
+_COVERED = ("format_version", "method", "settings", "layers", "extra_state", "tensors")
+_META_TYPES = {"format_version": int, "method": str, "settings": dict, "layers": list, "extra_state": dict,
+               "tensors": dict}
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    covered = {k: meta.get(k) for k in _COVERED}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``model.json`` parsed and shape-checked; anything malformed is a ``ModelFileError`` naming the file."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for k, t in _META_TYPES.items():
+        if not isinstance(meta.get(k), t):
+            raise ModelFileError(f"{path}: field '{k}' is missing or not a {t.__name__}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model format version {meta['format_version']}, this adspine reads "
+                             f"{FORMAT_VERSION}; fit and save the model again")
+    return meta
+
+
+def _plain(v: Any) -> Any:
+    """JSON-friendly copy: tuples -> lists, numpy / torch scalars -> Python numbers, Paths -> str."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    if v is inspect.Parameter.empty:
+        return None
+    return v

@@ -10,7 +10,8 @@ Score normalization uses training data only: after training, each layer's per-di
 training fibre is computed once and its maximum ``m_l`` is stored with the model. A test fibre's layer score is
 ``1 - exp(logp - m_l)`` (``normalization="exp"``, the paper's exp-normalization with a training constant) or
 ``m_l - logp`` (``"log"``). Layer maps are upsampled bilinearly to the input size, summed, and blurred (sigma 4, as
-for the other methods); image score = map maximum. Nothing depends on the evaluation batch. See ``docs/cflow.md``.
+for the other methods); image score = map maximum. Nothing depends on the evaluation batch. Training progress (epoch,
+loss per layer, seconds) goes to the ``adspine.methods.cflow`` logger at INFO. See ``docs/cflow.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 
-from adspine.methods.base import AnomalyMethod, Prediction
+from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Prediction
 from adspine.methods.postprocess import DEFAULT_SIGMA, gaussian_blur, patch_scores_to_map
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 EVAL_CHUNK = 4096  # fibres per flow call at evaluation; results do not depend on it (no batch statistics)
 _LOG_2PI = math.log(2.0 * math.pi)
 
-# (epoch index from 0, mean loss over layers, per-layer mean losses) -> None
-ProgressCallback = Callable[[int, float, list[float]], None]
 
 
 def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
@@ -117,6 +116,32 @@ def log_likelihood_per_dim(flow: SequenceINN, x: torch.Tensor, cond: torch.Tenso
     return (-0.5 * (z**2).sum(1) - 0.5 * c * _LOG_2PI + log_jac_det) / c
 
 
+class CFlowError(ValueError):
+    """A CFLOW setting that cannot work (one line naming the value)."""
+
+
+def flow_flops_per_fibre(channels: int, pos_dim: int, blocks: int) -> float:
+    """Forward FLOPs of one fibre through a flow: per block the subnet Linear(in, 2 in) - Linear(2 in, 2 c2) with
+    in = c1 + pos_dim (FrEIA splits C into c1 = C - C // 2 and c2 = C // 2) and the C x C rotation."""
+    c1, c2 = channels - channels // 2, channels // 2
+    width = c1 + pos_dim
+    return blocks * (2.0 * width * 2 * width + 2.0 * 2 * width * 2 * c2 + 2.0 * channels * channels)
+
+
+def cflow_cost(shape: CostShape, settings: dict) -> float:
+    """FLOPs of fit + predict: per used layer, ``epochs`` training passes over the N * P_l fibres (forward +
+    backward = 3 forwards), one evaluation pass over them (normalization) and one over the T * P_l test fibres."""
+    blocks, pos = int(settings.get("coupling_blocks", 8)), int(settings.get("pos_dim", 128))
+    epochs = int(settings.get("epochs", 10))
+    used = settings.get("layers") or list(range(len(shape.channels)))
+    total = 0.0
+    for i in used:
+        if i < len(shape.channels):
+            p, per_fibre = shape.positions[i], flow_flops_per_fibre(shape.channels[i], pos, blocks)
+            total += ((3 * epochs + 1) * shape.n_train + shape.n_test) * p * per_fibre
+    return total
+
+
 class CFlow(AnomalyMethod):
     """CFLOW-AD with a fixed training schedule and a training-data-only score normalization.
 
@@ -127,7 +152,10 @@ class CFlow(AnomalyMethod):
     training features between epochs: ``float32`` | ``float16``).
     """
 
-    name: ClassVar[str] = "cflow"
+    info = MethodInfo(
+        name="cflow", display="CFLOW-AD", seed_setting="seed", trains=True, cost=cflow_cost, efficiency=0.05,
+        summary="conditional normalizing flows on patch features",
+    )
 
     def __init__(
         self,
@@ -144,33 +172,32 @@ class CFlow(AnomalyMethod):
         device: str = "cpu",
         feature_dtype: str = "float32",
     ) -> None:
-        super().__init__()
         if layers is not None:
             if not isinstance(layers, (list, tuple)) or not layers or any(
                 not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers
             ):
-                raise ValueError(f"layers={layers!r}: must be None or a non-empty list of layer indices >= 0")
+                raise CFlowError(f"layers={layers!r}: must be None or a non-empty list of layer indices >= 0")
             if len(set(layers)) != len(layers):
-                raise ValueError(f"layers={layers!r}: repeated index")
+                raise CFlowError(f"layers={layers!r}: repeated index")
         for key, value in (("coupling_blocks", coupling_blocks), ("fibre_batch", fibre_batch), ("epochs", epochs)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+                raise CFlowError(f"{key}={value!r}: must be an integer >= 1")
         if not lr > 0:
-            raise ValueError(f"lr={lr!r}: must be > 0")
+            raise CFlowError(f"lr={lr!r}: must be > 0")
         if not clamp_alpha > 0:
-            raise ValueError(f"clamp_alpha={clamp_alpha!r}: must be > 0")
+            raise CFlowError(f"clamp_alpha={clamp_alpha!r}: must be > 0")
         if not isinstance(pos_dim, int) or pos_dim <= 0 or pos_dim % 4:
-            raise ValueError(f"pos_dim={pos_dim!r}: must be a positive multiple of 4")
+            raise CFlowError(f"pos_dim={pos_dim!r}: must be a positive multiple of 4")
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization={normalization!r}: valid: {', '.join(NORMALIZATIONS)}")
+            raise CFlowError(f"normalization={normalization!r}: valid: {', '.join(NORMALIZATIONS)}")
         if feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(f"feature_dtype={feature_dtype!r}: valid: {', '.join(FEATURE_DTYPES)}")
+            raise CFlowError(f"feature_dtype={feature_dtype!r}: valid: {', '.join(FEATURE_DTYPES)}")
         if sigma < 0:
-            raise ValueError(f"sigma={sigma!r}: must be >= 0")
+            raise CFlowError(f"sigma={sigma!r}: must be >= 0")
         try:
             torch.device(device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device={device!r}: not a torch device") from None
+            raise CFlowError(f"device={device!r}: not a torch device") from None
         self.layers = list(layers) if layers is not None else None
         self.coupling_blocks = coupling_blocks
         self.clamp_alpha = float(clamp_alpha)
@@ -183,36 +210,28 @@ class CFlow(AnomalyMethod):
         self.seed = int(seed)
         self.device = device
         self.feature_dtype = feature_dtype
-        # fitted state
-        self.flows: list[SequenceINN] = []
-        self.channels: list[int] = []
-        self.norm_logp_max: torch.Tensor | None = None  # (L,) float64, per-dim train log-likelihood maximum
-        self.history: dict[str, Any] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _torch_device(self) -> torch.device:
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r}: CUDA is not available on this machine")
+            raise CFlowError(f"device={self.device!r}: CUDA is not available on this machine")
         return dev
 
-    def _select(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        n = len(features)
+    def _used(self) -> list[int]:
+        """Indices of the used layers; one out of range for the fitted layer records is an error."""
+        n = len(self.feature_layers_)
         idx = self.layers if self.layers is not None else list(range(n))
         bad = [i for i in idx if i >= n]
         if bad:
-            raise ValueError(f"layers={self.layers}: index {bad[0]} out of range for {n} feature map(s)")
-        out = [features[i] for i in idx]
-        for i, f in zip(idx, out):
-            if f.ndim != 4:
-                raise ValueError(f"feature map {i}: expected (B, C, h, w), got shape {tuple(f.shape)}")
-        return out
+            raise CFlowError(f"layers={self.layers}: index {bad[0]} out of range for {n} feature map(s)")
+        return idx
 
     @torch.no_grad()
     def _layer_logp(self, li: int, fibres: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Per-dim log-likelihood of (E, C) image-major fibres; fibre k has the condition ``table[k % (h*w)]``.
         Evaluated in fixed chunks, each fibre on its own (no batch statistics), returned as float64 on the CPU."""
-        flow = self.flows[li].eval()
+        flow = self.flows_[li].eval()
         dev = self._torch_device()
         table = table.to(dev)
         out = torch.empty(fibres.shape[0], dtype=torch.float64)
@@ -223,48 +242,37 @@ class CFlow(AnomalyMethod):
         return out
 
     # -- estimator surface -------------------------------------------------------------------------------------
-    def fit(
-        self, batches: Iterable[Sequence[torch.Tensor]], callback: ProgressCallback | None = None
-    ) -> "CFlow":
+    def _fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> None:
         """Keep all training fibres (``feature_dtype``, on ``device``: N * sum(C_l h_l w_l) values), train one flow
-        per layer for ``epochs`` passes over freshly shuffled fibres, then record the training log-likelihood
-        statistics used for normalization. ``callback(epoch, mean_loss, layer_losses)`` is called after each epoch."""
+        per layer for ``epochs`` passes over freshly shuffled fibres (progress logged per epoch), then record the
+        training log-likelihood statistics used for normalization."""
         dev = self._torch_device()
+        used = self._used()
         store = FEATURE_DTYPES[self.feature_dtype]
-        chunks: list[list[torch.Tensor]] | None = None
-        grids: list[tuple[int, int]] = []
+        self.channels_ = [self.feature_layers_[i].channels for i in used]
+        grids = [self.feature_layers_[i].grid for i in used]
+        chunks: list[list[torch.Tensor]] = [[] for _ in used]
         n_images = 0
         for batch in batches:
-            maps = self._select(batch)
-            if chunks is None:
-                chunks = [[] for _ in maps]
-                grids = [(m.shape[2], m.shape[3]) for m in maps]
-                self.channels = [m.shape[1] for m in maps]
-            for li, m in enumerate(maps):
-                if (m.shape[1], m.shape[2], m.shape[3]) != (self.channels[li], *grids[li]):
-                    raise ValueError(
-                        f"training feature map {li}: shape {tuple(m.shape[1:])} differs from the first batch's "
-                        f"{(self.channels[li], *grids[li])}"
-                    )
+            for li, i in enumerate(used):
+                m = batch[i]
                 chunks[li].append(m.detach().permute(0, 2, 3, 1).reshape(-1, m.shape[1]).to(dev, store))
-            n_images += maps[0].shape[0]
-        if chunks is None or n_images == 0:
-            raise ValueError("CFlow.fit: no training batches given")
+            n_images += batch[0].shape[0]
         feats = [torch.cat(c) for c in chunks]
         del chunks
         conds = [_position_table(self.pos_dim, h, w).to(dev) for h, w in grids]
 
         gen = torch.Generator().manual_seed(self.seed)
-        self.flows = [
-            build_flow(c, self.pos_dim, self.coupling_blocks, self.clamp_alpha, gen).to(dev) for c in self.channels
+        self.flows_ = [
+            build_flow(c, self.pos_dim, self.coupling_blocks, self.clamp_alpha, gen).to(dev) for c in self.channels_
         ]
-        optims = [torch.optim.Adam([p for p in f.parameters() if p.requires_grad], lr=self.lr) for f in self.flows]
+        optims = [torch.optim.Adam([p for p in f.parameters() if p.requires_grad], lr=self.lr) for f in self.flows_]
         losses: list[float] = []
         layer_losses: list[list[float]] = []
         t0 = time.perf_counter()
         for epoch in range(self.epochs):
             per_layer = []
-            for li, (flow, opt, x_all) in enumerate(zip(self.flows, optims, feats)):
+            for li, (flow, opt, x_all) in enumerate(zip(self.flows_, optims, feats)):
                 flow.train()
                 hw = grids[li][0] * grids[li][1]
                 n = x_all.shape[0]
@@ -293,8 +301,6 @@ class CFlow(AnomalyMethod):
                 ", ".join(f"{v:.4f}" for v in per_layer),
                 time.perf_counter() - t0,
             )
-            if callback is not None:
-                callback(epoch, mean_loss, per_layer)
         train_seconds = time.perf_counter() - t0
 
         stats = []
@@ -307,8 +313,8 @@ class CFlow(AnomalyMethod):
                 {"max": float(lp.max()), "mean": float(lp.mean()), "std": float(lp.std()), "q01": q[0],
                  "median": q[1], "q99": q[2]}
             )
-        self.norm_logp_max = torch.tensor(maxima, dtype=torch.float64)
-        self.history = {
+        self.norm_logp_max_ = torch.tensor(maxima, dtype=torch.float64)
+        self.history_ = {
             "n_train_images": n_images,
             "grids": [list(g) for g in grids],
             "fibres_per_layer": [int(f.shape[0]) for f in feats],
@@ -318,22 +324,15 @@ class CFlow(AnomalyMethod):
             "train_logp_per_dim": stats,
             "train_seconds": train_seconds,
         }
-        return self
 
-    def predict(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
-        if not self.flows or self.norm_logp_max is None:
-            raise RuntimeError("CFlow.predict called before fit or load")
-        maps = self._select(features)
-        if len(maps) != len(self.flows):
-            raise ValueError(f"got {len(maps)} feature map(s), the model has {len(self.flows)} flow(s)")
+    def _predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
         total = None
-        for li, m in enumerate(maps):
+        for li, i in enumerate(self._used()):
+            m = maps[i]
             b, c, h, w = m.shape
-            if c != self.channels[li]:
-                raise ValueError(f"feature map {li}: {c} channels, the model was fitted on {self.channels[li]}")
             fibres = m.detach().permute(0, 2, 3, 1).reshape(-1, c)
             lp = self._layer_logp(li, fibres, _position_table(self.pos_dim, h, w)).view(b, h, w)
-            ref = float(self.norm_logp_max[li])
+            ref = float(self.norm_logp_max_[li])
             score = 1.0 - torch.exp(lp - ref) if self.normalization == "exp" else ref - lp
             up = patch_scores_to_map(score.float(), image_size, sigma=0)  # bilinear, align_corners=False
             total = up if total is None else total + up
@@ -341,52 +340,29 @@ class CFlow(AnomalyMethod):
         arr = out.cpu().numpy().astype(np.float32)
         return Prediction(maps=arr, scores=arr.reshape(arr.shape[0], -1).max(1).astype(np.float64))
 
-    # -- persistence -------------------------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "coupling_blocks": self.coupling_blocks,
-            "clamp_alpha": self.clamp_alpha,
-            "pos_dim": self.pos_dim,
-            "fibre_batch": self.fibre_batch,
-            "lr": self.lr,
-            "epochs": self.epochs,
-            "normalization": self.normalization,
-            "sigma": self.sigma,
-            "seed": self.seed,
-            "device": self.device,
-            "feature_dtype": self.feature_dtype,
-        }
-
+    # -- persistence: the flows' parameters as prefixed tensors ------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.flows or self.norm_logp_max is None:
-            raise RuntimeError("CFlow: nothing to save before fit")
-        out: dict[str, torch.Tensor] = {
-            "channels": torch.tensor(self.channels, dtype=torch.int64),
-            "norm_logp_max": self.norm_logp_max.double(),
-        }
-        for li, flow in enumerate(self.flows):
+        self.check_fitted()
+        out: dict[str, torch.Tensor] = {"norm_logp_max_": self.norm_logp_max_.double()}
+        for li, flow in enumerate(self.flows_):
             for k, v in flow.state_dict().items():
                 out[f"flow{li}.{k}"] = v
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.channels = [int(c) for c in tensors["channels"].tolist()]
-        self.norm_logp_max = tensors["norm_logp_max"].double().cpu()
+        self.channels_ = [self.feature_layers_[i].channels for i in self._used()]
+        self.norm_logp_max_ = tensors["norm_logp_max_"].double().cpu()
         gen = torch.Generator().manual_seed(self.seed)  # weights are overwritten below; the draw only shapes them
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             log.warning("cflow model trained on %r loaded on the CPU (CUDA is not available)", self.device)
             self.device = "cpu"
         dev = self._torch_device()
-        self.flows = []
-        for li, c in enumerate(self.channels):
+        self.flows_ = []
+        for li, c in enumerate(self.channels_):
             flow = build_flow(c, self.pos_dim, self.coupling_blocks, self.clamp_alpha, gen)
             prefix = f"flow{li}."
             flow.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-            self.flows.append(flow.to(dev).eval())
+            self.flows_.append(flow.to(dev).eval())
 
     def extra_state(self) -> dict[str, Any]:
-        return dict(self.history)
-
-    def load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.history = dict(extra)
+        return {"channels_": list(self.channels_), "history_": dict(self.history_)}

@@ -5,33 +5,39 @@
   reduced by ``adaptive_avg_pool1d`` to ``target_dim``; deeper layers are resized bilinearly (align_corners=False) to
   the first used layer's grid; the per-layer vectors are stacked and pooled again to ``target_dim``. (Pooling along
   channels and resizing along space are linear maps on different axes, so pooling before resizing, as done here,
-  equals the authors' resize-then-pool and is cheaper.)
+  equals the authors' resize-then-pool and is cheaper.) Fit aggregates a few images at a time.
 - Memory bank: greedy k-center coreset of ``int(N * coreset_ratio)`` patches chosen on a seeded Gaussian random
   projection to ``proj_dim``; like the authors' approximate greedy sampler it starts from ``coreset_starts`` random
-  points (initial distance = mean distance to them). The loop preallocates its buffers and updates them in place.
-- Scores: patch score = Euclidean distance to the nearest bank entry (faiss ``IndexFlatL2``); image score = maximum
-  patch score, or with ``reweight=True`` the paper's Eq. 7 with ``num_neighbors`` = b bank neighbours (off by default,
-  like the authors' code); map = bilinear upsampling + Gaussian blur (sigma 4).
+  points (initial distance = mean distance to them). See ``greedy_coreset``.
+- Scores: patch score = distance to the nearest bank entry, squared L2 by default like the authors' faiss
+  ``IndexFlatL2`` (``distance="euclidean"``: its square root); image score = maximum patch score, or with
+  ``reweight=True`` the paper's Eq. 7 with ``num_neighbors`` = b bank neighbours (off by default, like the authors'
+  code); map = bilinear upsampling + Gaussian blur (sigma 4) of the patch scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from adspine.methods import knn
-from adspine.methods.base import AnomalyMethod, Prediction
+from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Prediction
 from adspine.methods.postprocess import DEFAULT_SIGMA, patch_scores_to_map
+
+DISTANCES = ("squared", "euclidean")
+AGGREGATE_IMAGES = 2  # images aggregated at once during fit: bounds the unfold temporaries (WRN50: 29 MB per image)
+CORESET_BLOCK = 512  # rows per block of the coreset's lazy distance updates (128-d float32: 256 KiB, in L2)
+
+
+class PatchCoreSettingError(ValueError):
+    """An invalid PatchCore setting (the message names it and its value)."""
 
 
 def resolve_layers(requested: Sequence[int], n_available: int) -> list[int]:
     """Requested layer indices clipped to the available ones (``min(i, n - 1)``, duplicates dropped, sorted)."""
-    if n_available < 1:
-        raise ValueError("PatchCore: no feature maps given")
     return sorted({min(int(i), n_available - 1) for i in requested})
 
 
@@ -44,63 +50,128 @@ def aggregate(maps: Sequence[torch.Tensor], target_dim: int) -> torch.Tensor:
         u = F.unfold(m, kernel_size=3, stride=1, padding=1)  # (B, C*9, h*w), channel-major like (C, 3, 3)
         u = u.transpose(1, 2).reshape(b * h * w, 1, c * 9)
         p = F.adaptive_avg_pool1d(u, target_dim).reshape(b, h, w, target_dim)
+        del u
         if (h, w) != ref:
             p = p.permute(0, 3, 1, 2)
             p = F.interpolate(p, size=ref, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
         per_layer.append(p)
     x = torch.stack(per_layer, dim=3)  # (B, H, W, L, T): flattened layer-major like the authors' aggregator
+    del per_layer
     b, h, w = x.shape[:3]
     x = F.adaptive_avg_pool1d(x.reshape(b * h * w, 1, -1), target_dim)
     return x.reshape(b, h, w, target_dim)
 
 
-def greedy_coreset(x: torch.Tensor, n: int, starts: torch.Tensor) -> torch.Tensor:
-    """Greedy k-center selection of ``n`` rows of ``x`` (N, D).
+def greedy_coreset(x: torch.Tensor, n: int, starts: torch.Tensor, block: int = CORESET_BLOCK) -> torch.Tensor:
+    """Greedy k-center selection of ``n`` rows of ``x`` (N, D): the same rows as the textbook loop.
 
     The min-distance to the selected set starts as the mean Euclidean distance to the rows ``starts`` (which are not
-    themselves selected); each step picks the row with the largest min-distance (first on ties) and updates the
-    min-distances with its distances. Buffers are preallocated and updated in place (no per-step (N, D) temporary);
-    squared distances are kept, which picks the same rows as Euclidean ones.
+    themselves selected); each step picks the row with the largest min-distance (first on ties) and lowers the
+    min-distances by its distances. Squared distances in float32 on centred rows (less cancellation in
+    ``|x|^2 - 2 x.c + |c|^2``).
 
-    Runs on one torch thread: each step is one memory-bound pass over (N, D) plus a few element-wise ops, and the
-    OpenMP fork/join of those small ops cost more than they save (measured 32 ms instead of 0.02 ms per step when the
-    two cores were shared with other processes).
+    Lazy blocked updates: the rows are cut into blocks of ``block`` rows, each with an upper bound of its
+    min-distances and the number of selected centres already applied to it. A step refreshes only the block with the
+    largest bound (one small GEMM of the block against all its pending centres, in cache), until the top block is up
+    to date: its maximum is then the global one. Blocks far from the selection skip most updates. Candidates within a
+    float32 rounding margin of the maximum are re-scored in float64 from their exact definition, so near-ties resolve
+    as the textbook float64 loop does. Buffers are preallocated; the loop allocates no (N, D) temporary.
     """
-    x = x.contiguous()
+    x = x.detach().to(torch.float32)
+    x = (x - x.mean(dim=0)).contiguous()
     num = x.shape[0]
     n = min(int(n), num)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sq_norms = x.square().sum(dim=1)
-        min_d2 = torch.zeros(num, dtype=x.dtype)
-        tmp = torch.empty(num, dtype=x.dtype)
-        for s in starts.tolist():
-            _sq_dist_to(x, sq_norms, s, tmp)
-            min_d2.add_(tmp.sqrt_())
-        min_d2.div_(len(starts)).square_()
-        selected = torch.empty(n, dtype=torch.int64)
-        for i in range(n):
-            j = int(torch.argmax(min_d2))
-            selected[i] = j
-            _sq_dist_to(x, sq_norms, j, tmp)
-            torch.minimum(min_d2, tmp, out=min_d2)
-    finally:
-        torch.set_num_threads(threads)
-    return selected
+    starts = starts.to(torch.int64)
+    sq = x.square().sum(dim=1)
+    g = torch.addmm(sq[starts].unsqueeze(0), x, x[starts].T, alpha=-2).add_(sq.unsqueeze(1)).clamp_(min=0)
+    min_d2 = g.sqrt_().mean(dim=1).square_()
+    del g
+    nb = -(-num // block)
+    bounds = torch.amax(F.pad(min_d2, (0, nb * block - num), value=-1.0).view(nb, block), dim=1)
+    state = _LazyBlocks(x, sq, min_d2, bounds, n, block)
+    margin = 1e-4  # relative: far above float32 rounding of centred squared distances, far below real gaps
+    for step in range(n):
+        while True:
+            b = int(torch.argmax(bounds))
+            if state.applied[b] < step:
+                state.refresh(b, step)
+                continue
+            threshold = float(bounds[b]) * (1 - margin)
+            close = (bounds >= threshold).nonzero().view(-1).tolist()
+            stale = [i for i in close if state.applied[i] < step]
+            if stale:  # a near-tie with blocks not up to date: refresh them, then look again
+                for i in stale:
+                    state.refresh(i, step)
+                continue
+            cand = torch.cat([(state.rows(i) >= threshold).nonzero().view(-1) + i * block for i in close])
+            j = int(cand[0]) if cand.numel() == 1 else _exact_argmax(x, cand, starts, state.selected[:step])
+            break
+        state.select(step, j)
+    return state.selected
 
 
-def _sq_dist_to(x: torch.Tensor, sq_norms: torch.Tensor, j: int, out: torch.Tensor) -> torch.Tensor:
-    """Squared distances of every row of ``x`` to row ``j`` into ``out`` (|x|^2 - 2 x.c + |c|^2, clamped at 0)."""
-    torch.mv(x, x[j], out=out)
-    out.mul_(-2.0).add_(sq_norms).add_(sq_norms[j])
-    return out.clamp_(min=0.0)
+class _LazyBlocks:
+    """Blocked min-distances of ``greedy_coreset``: which centres each block has seen, and its refresh."""
+
+    def __init__(self, x, sq, min_d2, bounds, n, block) -> None:
+        self.x, self.sq, self.min_d2, self.bounds, self.block = x, sq, min_d2, bounds, block
+        self.applied = [0] * bounds.numel()  # centres already applied to each block
+        self.selected = torch.empty(n, dtype=torch.int64)
+        self.selected_sq = torch.empty(n)
+        self.buf = torch.empty(block * 64)  # (rows, pending) workspace, grown by doubling
+
+    def rows(self, b: int) -> torch.Tensor:
+        return self.min_d2[b * self.block : (b + 1) * self.block]
+
+    def select(self, step: int, j: int) -> None:
+        self.selected[step] = j
+        self.selected_sq[step] = self.sq[j]
+
+    def refresh(self, b: int, step: int) -> None:
+        """Lower block ``b``'s min-distances by its pending centres (one GEMM) and reset its bound."""
+        lo, first = b * self.block, self.applied[b]
+        seg = self.rows(b)
+        m, k = seg.numel(), step - first
+        if m * k > self.buf.numel():
+            self.buf = torch.empty(max(2 * self.buf.numel(), m * k))
+        out = self.buf[: m * k].view(m, k)
+        centres = self.x[self.selected[first:step]]
+        torch.addmm(self.selected_sq[first:step].unsqueeze(0), self.x[lo : lo + m], centres.T, alpha=-2, out=out)
+        out.add_(self.sq[lo : lo + m].unsqueeze(1))
+        torch.minimum(seg, out.amin(dim=1).clamp_(min=0), out=seg)
+        self.applied[b] = step
+        self.bounds[b] = seg.max()
+
+
+def _exact_argmax(x: torch.Tensor, cand: torch.Tensor, starts: torch.Tensor, selected: torch.Tensor) -> int:
+    """Among near-tied candidate rows, the one the float64 textbook loop picks (largest min-distance, first index)."""
+    cand = cand.sort().values
+    c = x[cand].double()
+    d_start = torch.cdist(c, x[starts].double()).mean(dim=1)
+    if selected.numel():
+        d_start = torch.minimum(d_start, torch.cdist(c, x[selected].double()).amin(dim=1))
+    return int(cand[int(torch.argmax(d_start))])
+
+
+def _cost(shape: CostShape, settings: dict) -> float:
+    """FLOPs of fit (projection + at most ``n_select`` distance passes over the projected bank) and of predict (one
+    GEMM of every test patch against the bank)."""
+    positions = shape.positions[resolve_layers(settings.get("layers", (1, 2)), len(shape.positions))[0]]
+    target, proj = int(settings.get("target_dim", 1024)), int(settings.get("proj_dim", 128))
+    patches = shape.n_train * positions
+    bank = max(1, int(patches * float(settings.get("coreset_ratio", 0.1))))
+    fit = 2.0 * patches * target * proj + 2.0 * bank * patches * proj
+    return fit + 2.0 * shape.n_test * positions * bank * target
 
 
 class PatchCore(AnomalyMethod):
     """Patch-level memory bank with coreset subsampling; nearest-neighbour patch scores."""
 
-    name = "patchcore"
+    info = MethodInfo(
+        name="patchcore", display="PatchCore", draws_rd=False, seed_setting="coreset_seed", exportable=True,
+        cost=_cost, efficiency=0.5,
+        summary="coreset memory bank of locally aggregated patches, nearest-neighbour distance",
+    )
 
     def __init__(
         self,
@@ -109,47 +180,35 @@ class PatchCore(AnomalyMethod):
         target_dim: int = 1024,
         coreset_seed: int = 0,
         layers: Sequence[int] = (1, 2),
+        distance: str = "squared",
         reweight: bool = False,
         num_neighbors: int = 9,
         sigma: float = DEFAULT_SIGMA,
         coreset_starts: int = 10,
     ) -> None:
-        super().__init__()
-        if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"PatchCore: coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        if int(proj_dim) < 1 or int(target_dim) < 1 or int(num_neighbors) < 1 or int(coreset_starts) < 1:
-            raise ValueError("PatchCore: proj_dim, target_dim, num_neighbors and coreset_starts must be >= 1")
+        if not 0 < float(coreset_ratio) <= 1:
+            raise PatchCoreSettingError(f"PatchCore: coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        for name, value in (("proj_dim", proj_dim), ("target_dim", target_dim), ("num_neighbors", num_neighbors),
+                            ("coreset_starts", coreset_starts)):
+            if int(value) < 1:
+                raise PatchCoreSettingError(f"PatchCore: {name} must be >= 1, got {value}")
         if not layers or any(int(i) < 0 for i in layers):
-            raise ValueError(f"PatchCore: layers must be non-negative indices, got {list(layers)}")
+            raise PatchCoreSettingError(f"PatchCore: layers must be non-negative indices, got {list(layers)}")
+        if distance not in DISTANCES:
+            raise PatchCoreSettingError(f"PatchCore: distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
         self.coreset_ratio, self.proj_dim, self.target_dim = float(coreset_ratio), int(proj_dim), int(target_dim)
-        self.coreset_seed, self.layers = int(coreset_seed), [int(i) for i in layers]
+        self.coreset_seed, self.layers, self.distance = int(coreset_seed), [int(i) for i in layers], distance
         self.reweight, self.num_neighbors, self.sigma = bool(reweight), int(num_neighbors), float(sigma)
         self.coreset_starts = int(coreset_starts)
-        self.bank: torch.Tensor | None = None  # (M, target_dim) float32
-        self.layers_used: list[int] | None = None
-        self.channels: list[int] | None = None
-        self.n_patches = 0
-        self.n_train = 0
-        self.notes: list[str] = []
-        self._index = None
+        self._search: knn.NearestBank | None = None  # derived from bank_ on first predict, not saved
+
+    # -- features ----------------------------------------------------------------------------------------------------
+    def used_maps(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [maps[i].detach().cpu().float() for i in self.layers_used_]
 
     def embed(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Patch features (B, H, W, target_dim) of one batch of per-layer maps."""
-        used = resolve_layers(self.layers, len(maps))
-        if self.layers_used is None:
-            self.layers_used = used
-            self.channels = [int(maps[i].shape[1]) for i in used]
-            if used != sorted(set(self.layers)):
-                self.notes.append(
-                    f"requested layers {self.layers} but {len(maps)} feature map(s) were given: used {used}"
-                )
-        chans = [int(maps[i].shape[1]) for i in used]
-        if used != self.layers_used or chans != self.channels:
-            raise ValueError(
-                f"PatchCore: features give layers {used} with channels {chans}, "
-                f"the model was fitted on layers {self.layers_used} with channels {self.channels}"
-            )
-        return aggregate([maps[i].detach().cpu().float() for i in used], self.target_dim)
+        return aggregate(self.used_maps(maps), self.target_dim)
 
     def projection(self) -> torch.Tensor | None:
         """Seeded Gaussian projection (target_dim, proj_dim), or None when proj_dim >= target_dim."""
@@ -158,118 +217,80 @@ class PatchCore(AnomalyMethod):
         gen = torch.Generator().manual_seed(self.coreset_seed)
         return torch.randn(self.target_dim, self.proj_dim, generator=gen) / self.proj_dim**0.5
 
-    def fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> "PatchCore":
-        self.layers_used = self.channels = None
-        self.notes, self._index, self.n_train = [], None, 0
+    # -- fit -----------------------------------------------------------------------------------------------------------
+    def _fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> None:
+        n_layers = len(self.feature_layers_)
+        self.layers_used_ = resolve_layers(self.layers, n_layers)
+        self.notes_ = []
+        if self.layers_used_ != sorted(set(self.layers)):
+            self.notes_.append(f"requested layers {self.layers} but {n_layers} feature map(s) were given: "
+                               f"used {self.layers_used_}")
         proj = self.projection()
-        chunks, projected = [], []
+        chunks, projected = [], []  # per few images: embeddings (rows, T) and their projection (rows, proj_dim)
+        self.n_train_ = 0
         with torch.no_grad():
             for batch in batches:
-                emb = self.embed(batch)
-                self.n_train += emb.shape[0]
-                emb = emb.reshape(-1, self.target_dim)
-                chunks.append(emb)
-                projected.append(emb if proj is None else emb @ proj)
-            if not chunks:
-                raise ValueError("PatchCore: fit needs at least 1 training image")
-            self.n_patches = sum(c.shape[0] for c in chunks)
-            n_select = max(1, int(self.n_patches * self.coreset_ratio))
-            if n_select >= self.n_patches:
-                self.bank = torch.cat(chunks)
-                return self
+                maps = self.used_maps(batch)
+                self.n_train_ += int(maps[0].shape[0])
+                for i in range(0, maps[0].shape[0], AGGREGATE_IMAGES):
+                    emb = aggregate([m[i : i + AGGREGATE_IMAGES] for m in maps], self.target_dim)
+                    emb = emb.reshape(-1, self.target_dim)
+                    chunks.append(emb)
+                    projected.append(emb if proj is None else emb @ proj)
+            self.n_patches_ = sum(c.shape[0] for c in chunks)
+            n_select = max(1, int(self.n_patches_ * self.coreset_ratio))
+            if n_select >= self.n_patches_:
+                self.bank_ = torch.cat(chunks)
+                return
             z = torch.cat(projected)
             projected.clear()
             gen = torch.Generator().manual_seed(self.coreset_seed + 1)
-            starts = torch.randperm(self.n_patches, generator=gen)[: self.coreset_starts]
+            starts = torch.randperm(self.n_patches_, generator=gen)[: self.coreset_starts]
             selected = greedy_coreset(z, n_select, starts)
             del z
-            self.bank = _gather_rows(chunks, selected)
-        return self
+            self.bank_ = _gather_rows(chunks, selected)
+        self._search = None
 
-    def _nn(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._index is None:
-            self._index = knn.flat_l2_index(self.bank)
-        return knn.search(self._index, queries, k)
+    # -- predict -------------------------------------------------------------------------------------------------------
+    def _nearest(self) -> knn.NearestBank:
+        if self._search is None:
+            self._search = knn.NearestBank(self.bank_)
+        return self._search
 
-    def predict(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
-        if self.bank is None:
-            raise RuntimeError("PatchCore: predict() called before fit() or load()")
+    def _predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
         with torch.no_grad():
-            emb = self.embed(features)
+            emb = self.embed(maps)
             b, h, w, t = emb.shape
-            dist, idx = self._nn(emb.reshape(-1, t), 1)
-            patch = torch.from_numpy(dist[:, 0]).reshape(b, h, w)
-            maps = patch_scores_to_map(patch, tuple(image_size), self.sigma)
-            flat = patch.reshape(b, -1).double()
+            d2, idx = self._nearest().search(emb.reshape(-1, t))
+            patch = d2 if self.distance == "squared" else d2.sqrt()
+            patch = patch.reshape(b, h, w)
+            flat = patch.reshape(b, -1)
             scores = flat.amax(dim=1)
             if self.reweight:
-                scores = self._reweight(flat, idx[:, 0].reshape(b, -1), emb.reshape(b, h * w, t))
-        return Prediction(maps=maps.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64))
+                scores = self._reweight(flat, idx.reshape(b, -1), emb.reshape(b, h * w, t))
+            maps_out = patch_scores_to_map(patch.float(), image_size, self.sigma)
+        return Prediction(maps=maps_out.numpy().astype(np.float32), scores=scores.numpy().astype(np.float64))
 
-    def _reweight(self, patch: torch.Tensor, nn_idx: np.ndarray, emb: torch.Tensor) -> torch.Tensor:
-        """Paper Eq. 7: s = (1 - exp|m* - m_test*| / sum_{m in N_b(m*)} exp|m - m_test*|) * s*, N_b(m*) including m*."""
-        b = min(self.num_neighbors, self.bank.shape[0])
+    def _reweight(self, patch: torch.Tensor, nn_idx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Paper Eq. 7: s = (1 - exp|m* - m_test*| / sum_{m in N_b(m*)} exp|m - m_test*|) * s*, N_b(m*) including m*
+        (the weight from Euclidean distances as in the paper; s* in the chosen ``distance``)."""
+        bank = self.bank_
+        b = min(self.num_neighbors, bank.shape[0])
         rows = torch.arange(patch.shape[0])
         worst = patch.argmax(dim=1)  # m_test*: the test patch with the largest score
         s_star = patch[rows, worst]
-        m_star = torch.from_numpy(nn_idx[rows.numpy(), worst.numpy()])
-        _, support = self._nn(self.bank[m_star], b)  # N_b(m*) in the bank, nearest first
-        support = torch.from_numpy(support)
-        # m* itself first (faiss may order exact duplicates of m* differently), then its b - 1 nearest others
-        ordered = torch.stack(
-            [torch.cat([m_star[r : r + 1], support[r][support[r] != m_star[r]][: b - 1]]) for r in range(len(support))]
-        )
+        m_star = nn_idx[rows, worst]
+        d_bank = torch.cdist(bank[m_star].double(), bank.double())  # (B, M)
+        d_bank[rows, m_star] = -1.0  # m* first even when it has exact duplicates
+        support = torch.topk(d_bank, b, dim=1, largest=False).indices  # N_b(m*), nearest first
         test = emb[rows, worst].double()  # (B, T)
-        d = torch.linalg.vector_norm(self.bank[ordered].double() - test.unsqueeze(1), dim=-1)  # (B, b)
+        d = torch.linalg.vector_norm(bank[support].double() - test.unsqueeze(1), dim=-1)  # (B, b)
         weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
         return weight * s_star
 
-    # -- persistence -----------------------------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        return {
-            "coreset_ratio": self.coreset_ratio,
-            "proj_dim": self.proj_dim,
-            "target_dim": self.target_dim,
-            "coreset_seed": self.coreset_seed,
-            "layers": list(self.layers),
-            "reweight": self.reweight,
-            "num_neighbors": self.num_neighbors,
-            "sigma": self.sigma,
-            "coreset_starts": self.coreset_starts,
-        }
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.bank is None:
-            raise RuntimeError("PatchCore: nothing to save before fit()")
-        return {
-            "bank": self.bank,
-            "layers_used": torch.tensor(self.layers_used, dtype=torch.int64),
-            "channels": torch.tensor(self.channels, dtype=torch.int64),
-        }
-
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.bank = tensors["bank"].float()
-        self.layers_used = [int(i) for i in tensors["layers_used"]]
-        self.channels = [int(c) for c in tensors["channels"]]
-        self._index = None
-
-    def extra_state(self) -> dict[str, Any]:
-        return {
-            "n_train": self.n_train,
-            "n_patches": self.n_patches,
-            "bank_size": 0 if self.bank is None else int(self.bank.shape[0]),
-            "image_score": "reweighted (Eq. 7)" if self.reweight else "max patch score",
-            "projection": f"gaussian N(0, 1/{self.proj_dim}), seed {self.coreset_seed}"
-            if self.proj_dim < self.target_dim
-            else "none",
-            "coreset_start_seed": self.coreset_seed + 1,
-            "notes": list(self.notes),
-        }
-
-    def load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.n_train = int(extra.get("n_train", 0))
-        self.n_patches = int(extra.get("n_patches", 0))
-        self.notes = list(extra.get("notes", []))
+        super().load_state_tensors(tensors)
+        self._search = None
 
 
 def _gather_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:

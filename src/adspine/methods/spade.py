@@ -3,134 +3,182 @@
 - Image score: mean Euclidean distance to the K nearest training images in the space of globally average-pooled
   features of the deepest given layer (faiss ``IndexFlatL2``).
 - Pixel map: for each given layer, the gallery is every patch embedding of those K training images at that layer;
-  each test patch scores its distance to the nearest gallery patch (kappa = 1). The per-layer maps are upsampled
-  bilinearly (align_corners=False) to the input size and averaged, then blurred (Gaussian, sigma 4).
-- The method needs every training feature: fit keeps all per-layer patch features (float32).
+  each test patch scores its distance to the nearest gallery patch (kappa = 1, exact). The per-layer maps are
+  upsampled bilinearly (align_corners=False) to the input size and averaged, then blurred (Gaussian, sigma 4).
+- The method needs every training feature: fit keeps all per-layer patch features (float32), centred on their
+  per-layer mean (distances do not change; the ``|q|^2 + |g|^2 - 2 q.g`` expansion below loses far fewer digits),
+  and their squared norms.
+- Nearest-patch search (``nearest_patch_sq_dist``): per test image and neighbour image, blocks of gallery rows go
+  through one ``addmm`` (``|g|^2 - 2 q.g`` for all the image's patches) into a cache-sized buffer and a row minimum;
+  ``|q|^2`` is added at the end. The queries are split over ``torch.get_num_threads()`` Python threads that each run
+  single-threaded BLAS (measured here: fewer OpenMP fork/joins on small GEMMs when the cores are shared).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from adspine.methods import knn
-from adspine.methods.base import AnomalyMethod, Prediction
+from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Prediction
 from adspine.methods.postprocess import DEFAULT_SIGMA, gaussian_blur
+
+GALLERY_BLOCK = 256  # gallery rows per GEMM block: (queries x 256) float32 buffer stays in cache
+TARGET_REL_ERROR = 1e-5  # nearest distances whose float32 expansion error may exceed this are recomputed directly
+
+
+class SPADEError(ValueError):
+    """A SPADE setting that cannot work (one line naming the value)."""
+
+
+def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_sq: torch.Tensor,
+                          images: Sequence[int], threads: int = 1, block: int = GALLERY_BLOCK) -> torch.Tensor:
+    """Squared Euclidean distance (Q,) of each query row (Q, C) to its nearest row among ``gallery[images]``.
+
+    ``gallery``: (N, P, C) float32; ``gallery_sq``: its squared row norms (N, P). float32 blocks of
+    ``|g|^2 - 2 q.g`` with a running row minimum, then ``+ |q|^2``, clamped at 0. That expansion's rounding error is
+    about ``2 sqrt(C) u (|q|^2 + max |g|^2)`` (u = float32 unit roundoff); queries whose minimum is small against it
+    (near-duplicate patches) are recomputed from explicit differences (``refine_nearest``)."""
+    q = queries.contiguous()
+    step = -(-q.shape[0] // max(1, threads))  # ceil: one slice of query rows per thread
+    parts = [(a, min(a + step, q.shape[0])) for a in range(0, q.shape[0], step)]
+    out = torch.empty(q.shape[0], dtype=torch.float32)
+
+    def run(rows: tuple[int, int]) -> None:
+        qs = q[rows[0] : rows[1]]
+        n = qs.shape[0]
+        best = out[rows[0] : rows[1]].fill_(float("inf"))
+        buf = torch.empty(n * block, dtype=torch.float32)
+        row_min = torch.empty(n, dtype=torch.float32)
+        for j in images:
+            g, gsq = gallery[j], gallery_sq[j]
+            for a in range(0, g.shape[0], block):
+                e = min(a + block, g.shape[0])
+                prod = buf[: n * (e - a)].view(n, e - a)
+                torch.addmm(gsq[a:e], qs, g[a:e].T, alpha=-2.0, out=prod)
+                torch.amin(prod, dim=1, out=row_min)
+                torch.minimum(best, row_min, out=best)
+        best.add_(qs.square().sum(dim=1)).clamp_(min=0.0)
+
+    if len(parts) == 1:
+        run(parts[0])
+    else:
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                list(pool.map(run, parts))
+        finally:
+            torch.set_num_threads(old)
+    g_max = float(max(gallery_sq[j].max() for j in images))
+    bound = 2.0 * q.shape[1] ** 0.5 * torch.finfo(torch.float32).eps * (q.square().sum(dim=1) + g_max)
+    flagged = torch.nonzero(out * (2.0 * TARGET_REL_ERROR) < bound).flatten()
+    if flagged.numel():
+        out[flagged] = refine_nearest(q[flagged], gallery, images)
+    return out
+
+
+def refine_nearest(queries: torch.Tensor, gallery: torch.Tensor, images: Sequence[int],
+                   rows: int = 4096) -> torch.Tensor:
+    """Squared distance (F,) of each query to its nearest row among ``gallery[images]`` from explicit differences
+    (no cancellation), in chunks of gallery rows."""
+    best = torch.full((queries.shape[0],), float("inf"))
+    for j in images:
+        g = gallery[j]
+        for a in range(0, g.shape[0], rows):
+            d = torch.cdist(queries, g[a : a + rows], compute_mode="donot_use_mm_for_euclid_dist")
+            torch.minimum(best, d.amin(dim=1), out=best)
+    return best.square_()
+
+
+def spade_cost(shape: CostShape, settings: dict) -> float:
+    """FLOPs of predict (fit only stores): per test image and layer, 2 * K * P_l^2 * C_l (exact nearest patch in
+    the K images' galleries), K = min(k, N)."""
+    k = min(int(settings.get("k", 50)), shape.n_train)
+    return float(sum(2.0 * shape.n_test * k * p * p * c for p, c in zip(shape.positions, shape.channels)))
 
 
 class SPADE(AnomalyMethod):
     """Semantic pyramid anomaly detection with K nearest training images (K clipped to the training-set size)."""
 
-    name = "spade"
+    info = MethodInfo(
+        name="spade", display="SPADE", cost=spade_cost, efficiency=0.7,
+        summary="K nearest training images, then nearest patch among their patches",
+    )
 
     def __init__(self, k: int = 50, sigma: float = DEFAULT_SIGMA) -> None:
-        super().__init__()
         if int(k) < 1:
-            raise ValueError(f"SPADE: k must be >= 1, got {k}")
+            raise SPADEError(f"SPADE: k must be >= 1, got {k}")
         self.k, self.sigma = int(k), float(sigma)
-        self.train: list[torch.Tensor] = []  # per layer (N, h_i * w_i, C_i) float32
-        self.grids: list[tuple[int, int]] = []
-        self.pooled: torch.Tensor | None = None  # (N, C_last) float32
-        self.notes: list[str] = []
-        self._index = None
 
-    @property
-    def n_train(self) -> int:
-        return 0 if self.pooled is None else int(self.pooled.shape[0])
-
-    @property
-    def k_effective(self) -> int:
-        return min(self.k, self.n_train)
-
-    def fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> "SPADE":
-        per_layer: list[list[torch.Tensor]] | None = None
+    def _fit(self, batches: Iterable[Sequence[torch.Tensor]]) -> None:
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.feature_layers_]
         pooled: list[torch.Tensor] = []
         with torch.no_grad():
             for batch in batches:
                 maps = [m.detach().cpu().float() for m in batch]
-                if per_layer is None:
-                    per_layer = [[] for _ in maps]
-                    self.grids = [tuple(int(s) for s in m.shape[-2:]) for m in maps]
-                self._check(maps, [c[0].shape[-1] for c in per_layer] if per_layer[0] else None)
                 for store, m in zip(per_layer, maps):
                     store.append(m.flatten(2).transpose(1, 2).contiguous())  # (B, hw, C)
                 pooled.append(maps[-1].mean(dim=(2, 3)))
-        if per_layer is None:
-            raise ValueError("SPADE: fit needs at least 1 training image")
-        self.train = []
-        for store in per_layer:
-            self.train.append(torch.cat(store))
-            store.clear()
-        self.pooled = torch.cat(pooled)
-        self.notes = []
-        if self.k > self.n_train:
-            self.notes.append(f"k={self.k} clipped to the {self.n_train} training images")
-        self._index = None
-        return self
+            self.train_, self.centres_ = [], []
+            for store in per_layer:
+                x = torch.cat(store)
+                store.clear()
+                centre = x.mean(dim=(0, 1), dtype=torch.float64).float()
+                self.train_.append(x.sub_(centre))
+                self.centres_.append(centre)
+        self.pooled_ = torch.cat(pooled)
+        self.n_train_ = int(self.pooled_.shape[0])
+        self.k_effective_ = min(self.k, self.n_train_)
+        self.notes_ = [f"k={self.k} clipped to the {self.n_train_} training images"] if self.k > self.n_train_ else []
+        self._derive()
 
-    def _check(self, maps: Sequence[torch.Tensor], channels: list[int] | None) -> None:
-        grids = [tuple(int(s) for s in m.shape[-2:]) for m in maps]
-        chans = [int(m.shape[1]) for m in maps]
-        if grids != self.grids or (channels is not None and chans != channels):
-            raise ValueError(
-                f"SPADE: features have channels {chans} on grids {grids}, expected channels {channels} "
-                f"on grids {self.grids}"
-            )
+    def _derive(self) -> None:
+        """Squared norms of the centred training patches and the pooled-feature index (rebuilt after load)."""
+        self._train_sq = [t.square().sum(dim=2) for t in self.train_]
+        self._index = knn.flat_l2_index(self.pooled_)
 
     def nearest_images(self, pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Distances (B, K) and indices (B, K) of the K nearest training images to pooled test features (B, C)."""
-        if self._index is None:
-            self._index = knn.flat_l2_index(self.pooled)
-        return knn.search(self._index, pooled, self.k_effective)
+        return knn.search(self._index, pooled, self.k_effective_)
 
-    def predict(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
-        if self.pooled is None:
-            raise RuntimeError("SPADE: predict() called before fit() or load()")
+    def _predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
+        threads = max(1, torch.get_num_threads())
         with torch.no_grad():
-            maps = [m.detach().cpu().float() for m in features]
-            self._check(maps, [int(t.shape[-1]) for t in self.train])
+            maps = [m.detach().cpu().float() for m in maps]
             dist, nn_idx = self.nearest_images(maps[-1].mean(dim=(2, 3)))
             scores = dist.astype(np.float64).mean(axis=1)
             b = maps[0].shape[0]
             acc = torch.zeros(b, *image_size, dtype=torch.float32)
-            for layer, (m, train, (h, w)) in enumerate(zip(maps, self.train, self.grids)):
-                layer_scores = torch.empty(b, h, w, dtype=torch.float32)
-                queries = m.flatten(2).transpose(1, 2)  # (B, hw, C)
-                for i in range(b):
-                    gallery = train[torch.from_numpy(nn_idx[i])].reshape(-1, train.shape[-1])
-                    d, _ = knn.knn(gallery, queries[i], 1)
-                    layer_scores[i] = torch.from_numpy(d[:, 0]).reshape(h, w)
-                acc += F.interpolate(
-                    layer_scores.unsqueeze(1), size=tuple(image_size), mode="bilinear", align_corners=False
-                ).squeeze(1)
+            for m, train, train_sq, centre in zip(maps, self.train_, self._train_sq, self.centres_):
+                h, w = m.shape[-2:]
+                queries = m.flatten(2).transpose(1, 2) - centre  # (B, hw, C), centred like the gallery
+                layer = torch.stack([
+                    nearest_patch_sq_dist(queries[i], train, train_sq, nn_idx[i].tolist(), threads).sqrt_()
+                    for i in range(b)
+                ]).view(b, 1, h, w)
+                acc += F.interpolate(layer, size=image_size, mode="bilinear", align_corners=False).squeeze(1)
             out = gaussian_blur(acc / len(maps), self.sigma)
         return Prediction(maps=out.numpy().astype(np.float32), scores=scores)
 
-    # -- persistence -----------------------------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        return {"k": self.k, "sigma": self.sigma}
-
+    # -- persistence: per-layer lists as numbered tensors -------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.pooled is None:
-            raise RuntimeError("SPADE: nothing to save before fit()")
-        out = {f"train.{i}": t for i, t in enumerate(self.train)}
-        out["pooled"] = self.pooled
-        out["grids"] = torch.tensor(self.grids, dtype=torch.int64)
+        self.check_fitted()
+        out = {f"train.{i}": t for i, t in enumerate(self.train_)}
+        out.update({f"centre.{i}": c for i, c in enumerate(self.centres_)})
+        out["pooled"] = self.pooled_
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        n_layers = sum(1 for k in tensors if k.startswith("train."))
-        self.train = [tensors[f"train.{i}"].float() for i in range(n_layers)]
-        self.pooled = tensors["pooled"].float()
-        self.grids = [tuple(int(s) for s in g) for g in tensors["grids"]]
-        self._index = None
+        n = len(self.feature_layers_)
+        self.train_ = [tensors[f"train.{i}"].float() for i in range(n)]
+        self.centres_ = [tensors[f"centre.{i}"].float() for i in range(n)]
+        self.pooled_ = tensors["pooled"].float()
+        self._derive()
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"n_train": self.n_train, "k_effective": self.k_effective, "notes": list(self.notes)}
-
-    def load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.notes = list(extra.get("notes", []))
+    def extra_state(self) -> dict:
+        return {"n_train_": self.n_train_, "k_effective_": self.k_effective_, "notes_": list(self.notes_)}

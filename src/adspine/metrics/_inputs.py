@@ -73,6 +73,24 @@ def check_masks_maps(masks, maps, allow_no_defect: bool = False) -> tuple[np.nda
     return m, a
 
 
+def pixel_images(labels: np.ndarray | None, has_mask) -> np.ndarray | None:
+    """Bool (N,) selection of the images that enter pixel metrics, or None for all of them (``has_mask`` None).
+
+    Kept: images with ``has_mask`` True, and every good image (``labels`` 0: all-normal ground truth) when
+    ``labels`` are given. Defective images without a mask are left out.
+    """
+    if has_mask is None:
+        return None
+    h = _as_binary(has_mask, "has_mask")
+    if h.ndim != 1:
+        raise ValueError(f"has_mask: expected a 1-D array (N,), got shape {h.shape}")
+    if labels is None:
+        return h
+    if h.size != labels.size:
+        raise ValueError(f"has_mask: length {h.size} differs from labels length {labels.size}")
+    return h | ~labels.astype(bool)
+
+
 def split_sorted(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ascending-sorted scores of the good (mask False) pixels and of the defective (mask True) pixels.
 

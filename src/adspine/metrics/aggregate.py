@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._inputs import check_labels_scores, check_masks_maps, split_sorted
+from ._inputs import check_labels_scores, check_masks_maps, pixel_images, split_sorted
 from .aupro import _area_to, _check_limit, _curve
 from .auroc import auroc_from_sorted, image_auroc
 from .f1 import f1_max, f1_max_from_sorted
@@ -16,13 +16,16 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_
 KINDS = ("texture", "object")
 
 
-def evaluate(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -> dict[str, float | None]:
+def evaluate(labels, scores, masks=None, maps=None, has_mask=None, fpr_limit: float = 0.3) -> dict[str, float | None]:
     """Every metric of one category: ``{image_auroc, pixel_auroc, aupro, image_f1_max, pixel_f1_max}``.
 
     ``labels`` (N,) 0/1 and ``scores`` (N,) give the image metrics (both classes required). ``masks`` bool (N, H, W)
-    and ``maps`` (N, H, W) give the pixel metrics (pixel AUROC, AUPRO up to ``fpr_limit``, pixel F1-max), which are
-    None when ``masks`` is None (no pixel ground truth) or when no pixel of any mask is defective. Both F1-max values
-    are OPTIMISTIC (threshold chosen on the test set). Pixel scores are sorted once and shared.
+    and ``maps`` (N, H, W) give the pixel metrics (pixel AUROC, AUPRO up to ``fpr_limit``, pixel F1-max). Pixel
+    metrics are None (absent, not 0) when ``masks`` is None (an image-level dataset), or when no pixel of the used
+    masks is defective. ``has_mask`` (N,) bool, optional: which images have a pixel mask; the pixel metrics then cover
+    the good images (labels 0, all-normal ground truth, whatever ``has_mask`` says) plus the defective images with a
+    mask; defective images without one are left out. Both F1-max values are OPTIMISTIC (threshold chosen on the test
+    set). Pixel scores are sorted once and shared.
     """
     lim = _check_limit(fpr_limit)
     y, s = check_labels_scores(labels, scores)
@@ -40,6 +43,9 @@ def evaluate(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -> d
     m, a = check_masks_maps(masks, maps, allow_no_defect=True)
     if m.shape[0] != y.size:
         raise ValueError(f"masks: {m.shape[0]} masks for {y.size} labels")
+    keep = pixel_images(y, has_mask)
+    if keep is not None:
+        m, a = m[keep], a[keep]
     if not m.any():
         return out
     neg, pos = split_sorted(m, a)

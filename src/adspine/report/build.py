@@ -5,28 +5,31 @@ Layout of ``out``::
     report.html                      everything below, images inlined
     recommendation.md
     tables/ranking_<dataset>.{md,tex,csv}
+    tables/significance_<dataset>.csv
     tables/<dataset>_<family>.{md,tex,csv}
-    tables/failed_jobs.csv
+    tables/failed_jobs.csv, tables/failed_methods.csv
     plots/<dataset>_*.png
     examples/<dataset>_<category>.png
+
+The store is opened read-only. Everything is written into a temporary folder beside ``out`` and moved into place at
+the end (``report.html`` last), so a failure leaves no partial report: it raises ``ReportError`` with one line
+naming the path and what to do.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-
-from adspine.report import html as html_mod
-from adspine.report import plots as plots_mod
-from adspine.report import recommend as rec_mod
-from adspine.report.examples import CategoryExamples, category_extremes, render_category
-from adspine.report.tables import datasets, family_tables, ranking, ranking_csv, ranking_latex, ranking_markdown, slug
-from adspine.study.store import ResultStore
 
 
 class ReportError(ValueError):
-    """One-line error about the report's input (message starts with the offending path or value)."""
+    """One-line error about the report's input or output (message starts with the offending path or value)."""
 
 
 def _write(path: Path, text: str) -> Path:
@@ -35,83 +38,196 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _meta(db: Path, rows: list[dict], jobs_done: int, failed: list[dict]) -> dict:
-    hosts = sorted({f"{r.get('host_cpu') or '?'} / {r.get('device') or '?'} / {r.get('threads') or '?'} threads"
-                    + (f" / {r['host_gpu']}" if r.get("host_gpu") else "") for r in rows})
+def _csv(rows: list[list], head: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(head)
+    w.writerows([["" if v is None else v for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def _versions(jobs: list[dict]) -> list[str]:
+    out = []
+    for v in dict.fromkeys(j.get("versions") for j in jobs if j.get("versions")):
+        try:
+            d = json.loads(v)
+            out.append(", ".join(f"{k} {d[k]}" for k in sorted(d)) if isinstance(d, dict) else str(d))
+        except (TypeError, ValueError):
+            out.append(str(v))
+    return out
+
+
+def _meta(db: Path, rows: list[dict], jobs: list[dict], specs: dict[str, str]) -> dict:
+    """Provenance shown at the top: spec YAML, versions, machines, threads, load while timing."""
+    from adspine.report.tables import fmt
+
+    by_status: dict[str, int] = {}
+    for j in jobs:
+        by_status[str(j.get("status") or "?")] = by_status.get(str(j.get("status") or "?"), 0) + 1
+    hosts = sorted({f"{j.get('host_cpu') or '?'} / {j.get('device') or '?'} / {j.get('threads') or '?'} threads"
+                    + (f" / {j['host_gpu']}" if j.get("host_gpu") else "") for j in jobs if j.get("status") == "done"})
+    loads = sorted(float(j["load_avg"]) for j in jobs if j.get("load_avg") is not None)
+    load = (f"1-minute load average while timing: min {fmt(loads[0], 2)}, median {fmt(loads[len(loads) // 2], 2)}, "
+            f"max {fmt(loads[-1], 2)} over {len(loads)} jobs" if loads else
+            "load average while timing: not recorded in this store")
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
     return {
-        "summary": f"{db.name}: {jobs_done} finished jobs, {len(failed)} failed, {len(rows)} result rows; "
-                   f"generated {now}",
-        "hosts": "Measured on: " + ("; ".join(hosts) if hosts else "-"),
+        "summary": f"{db.name}: {len(jobs)} jobs ({counts or 'none'}), {len(rows)} result rows; generated {now}",
+        "hosts": "Measured on: " + ("; ".join(hosts) if hosts else "–"),
+        "load": load,
+        "versions": _versions(jobs),
+        "specs": specs,
     }
+
+
+def _fit_command(entry: dict | None, rows: list[dict]) -> str | None:
+    """``adspine fit ...`` that builds the recommended configuration, where the detector module provides it."""
+    if entry is None:
+        return None
+    try:
+        from adspine.detector import fit_command
+    except ImportError:
+        return None
+    row = next((r for r in rows if (r["backbone"], r["init"], r["method"], str(r.get("dataset") or "dataset"))
+                == (entry["backbone"], entry["init"], entry["method"], entry["dataset"])), None)
+    if row is None:
+        return None
+    try:
+        return str(fit_command(row))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh temporary folder beside ``out`` (same file system: the final moves are renames)."""
+    for p in [out, *out.parents]:
+        if p.exists() and not p.is_dir():
+            raise ReportError(f"{out}: {p} is a file, not a folder; pass another --out folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".adspine-report-", dir=out.parent))
+    except OSError as e:
+        raise ReportError(f"{out}: cannot write the report here ({e.strerror or e}); check the folder's permissions "
+                          "or pass another --out folder") from None
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move every file from ``tmp`` into ``out`` (renames), ``report.html`` last."""
+    files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.name == "report.html")
+    for p in files:
+        dest = out / p.relative_to(tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, dest)
 
 
 def build_report(db: str | Path, out: str | Path, budget_ms: float | None = None) -> Path:
     """Write every report file into ``out`` and return the path of ``report.html``."""
+    from adspine.study.store import ResultStore, StoreError
+
     db, out = Path(db), Path(out)
     if not db.is_file():
-        raise ReportError(f"{db}: results store not found")
+        raise ReportError(f"{db}: results store not found; pass the --db file written by `adspine study`")
     if budget_ms is not None and not budget_ms > 0:
         raise ReportError(f"--budget-ms {budget_ms}: must be a positive number of milliseconds")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == db.resolve() or db.resolve() in out.resolve().parents:
+        raise ReportError(f"{out}: is the results store itself; pass another --out folder")
+    try:
+        store = ResultStore(db, readonly=True)
+    except StoreError as e:
+        raise ReportError(str(e)) from None
+    tmp = _prepare_out(out)
+    try:
+        with store:
+            _build(store, db, tmp, budget_ms)
+        _publish(tmp, out)
+    except OSError as e:
+        where = e.filename or out
+        raise ReportError(f"{where}: cannot write the report ({e.strerror or e}); free disk space or pass another "
+                          "--out folder (nothing was written)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "report.html"
+
+
+def _build(store, db: Path, out: Path, budget_ms: float | None) -> None:
+    from adspine.report import html as html_mod
+    from adspine.report import plots as plots_mod
+    from adspine.report import recommend as rec_mod
+    from adspine.report import significance as sig_mod
+    from adspine.report.examples import CategoryExamples, category_extremes, render_category
+    from adspine.report.tables import datasets, family_tables, ranking, ranking_csv, ranking_latex, \
+        ranking_markdown, slug
+
     files: list[Path] = []
-    with ResultStore(db) as store:
-        rows = store.rows()
-        failed = store.jobs("failed")
-        jobs_done = len(store.done_job_ids())
+    rows = store.rows()
+    jobs = store.jobs()
+    failed_jobs = [j for j in jobs if j.get("status") in ("failed", "killed")]
+    failed_methods = store.failed_results() if hasattr(store, "failed_results") else []
+    specs = store.study_specs() if hasattr(store, "study_specs") else {}
 
-        ranks = ranking(rows)
-        by_ds = {ds: [e for e in ranks if e["dataset"] == ds] for ds in datasets(rows)}
-        for ds, entries in by_ds.items():
-            stem = out / "tables" / f"ranking_{slug(ds)}"
-            files += [_write(stem.with_suffix(".md"), ranking_markdown(entries, ds)),
-                      _write(stem.with_suffix(".tex"), ranking_latex(entries, ds)),
-                      _write(stem.with_suffix(".csv"), ranking_csv(entries))]
+    ranks = ranking(rows)
+    by_ds = {ds: [e for e in ranks if e["dataset"] == ds] for ds in datasets(rows)}
+    sig = {}
+    for ds, entries in by_ds.items():
+        ds_rows = [r for r in rows if str(r.get("dataset") or "dataset") == ds]
+        sig[ds] = sig_mod.compare_to_best(ds_rows, entries)
+        stem = out / "tables" / f"ranking_{slug(ds)}"
+        files += [_write(stem.with_suffix(".md"), ranking_markdown(entries, ds)),
+                  _write(stem.with_suffix(".tex"), ranking_latex(entries, ds)),
+                  _write(stem.with_suffix(".csv"), ranking_csv(entries))]
+        if sig[ds].per_category:
+            files.append(_write(out / "tables" / f"significance_{slug(ds)}.csv", _csv(
+                sig_mod.category_csv_rows(entries, sig[ds]),
+                ["dataset", "category", "backbone", "init", "method", "is_best", "p_holm", "indistinguishable"])))
 
-        fams = family_tables(rows)
-        for t in fams:
-            stem = out / "tables" / t.name
-            files += [_write(stem.with_suffix(".md"), t.to_markdown()), _write(stem.with_suffix(".tex"), t.to_latex()),
-                      _write(stem.with_suffix(".csv"), t.to_csv())]
+    fams = family_tables(rows)
+    for t in fams:
+        stem = out / "tables" / t.name
+        files += [_write(stem.with_suffix(".md"), t.to_markdown()), _write(stem.with_suffix(".tex"), t.to_latex()),
+                  _write(stem.with_suffix(".csv"), t.to_csv())]
 
-        plots = {}
-        for ds, entries in by_ds.items():
-            plots[ds] = plots_mod.dataset_plots(entries, ds, out / "plots", slug(ds))
-            files += [v["path"] for v in plots[ds].values()]
+    plots = {}
+    for ds, entries in by_ds.items():
+        plots[ds] = plots_mod.dataset_plots(entries, ds, out / "plots", slug(ds))
+        files += [v["path"] for v in plots[ds].values()]
 
-        recs = [rec_mod.recommend(entries, budget_ms) for entries in by_ds.values()]
-        files.append(_write(out / "recommendation.md", rec_mod.to_markdown(recs)))
+    recs = []
+    for entries in by_ds.values():
+        rec = rec_mod.recommend(entries, budget_ms)
+        rec.fit_command = _fit_command(rec.best, rows)
+        recs.append(rec)
+    files.append(_write(out / "recommendation.md", rec_mod.to_markdown(recs)))
 
-        examples = []
-        top_method = {ds: (entries[0]["method"] if entries else None) for ds, entries in by_ds.items()}
-        rows_by_ds = {ds: [r for r in rows if str(r.get("dataset") or "dataset") == ds] for ds in by_ds}
-        for ds, ds_rows in rows_by_ds.items():
-            for _ds, cat, method, best, worst in category_extremes(ds_rows, top_method[ds]):
-                item = CategoryExamples(ds, cat, method, best, worst)
-                p = render_category(store, item, out / "examples" / f"{slug(ds)}_{slug(cat)}.png")
-                if p:
-                    files.append(p)
-                examples.append(item)
+    examples = []
+    top_method = {ds: (entries[0]["method"] if entries else None) for ds, entries in by_ds.items()}
+    for ds in by_ds:
+        ds_rows = [r for r in rows if str(r.get("dataset") or "dataset") == ds]
+        for _ds, cat, method, best, worst in category_extremes(ds_rows, top_method[ds]):
+            item = CategoryExamples(ds, cat, method, best, worst)
+            p = render_category(store, item, out / "examples" / f"{slug(ds)}_{slug(cat)}.png")
+            if p:
+                files.append(p)
+            examples.append(item)
 
-    failed_csv = out / "tables" / "failed_jobs.csv"
-    failed_csv.parent.mkdir(parents=True, exist_ok=True)
-    with failed_csv.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        cols = ["job_id", "dataset", "category", "backbone", "init", "started_at", "error"]
-        w.writerow(cols)
-        for j in failed:
-            w.writerow([j.get(c) if j.get(c) is not None else "" for c in cols])
-    files.append(failed_csv)
+    job_cols = ["job_id", "status", "attempts", "dataset", "category", "backbone", "init", "started_at", "error"]
+    files.append(_write(out / "tables" / "failed_jobs.csv",
+                        _csv([[j.get(c) for c in job_cols] for j in failed_jobs], job_cols)))
+    res_cols = ["job_id", "dataset", "category", "backbone", "init", "method", "rd_seed", "error"]
+    files.append(_write(out / "tables" / "failed_methods.csv",
+                        _csv([[r.get(c) for c in res_cols] for r in failed_methods], res_cols)))
 
     ctx = {
-        "meta": _meta(db, rows, jobs_done, failed),
+        "meta": _meta(db, rows, jobs, specs),
         "datasets": list(by_ds),
         "ranking": by_ds,
+        "significance": sig,
         "plots": plots,
         "family_tables": fams,
         "recommendations": recs,
         "examples": examples,
-        "failed": failed,
+        "failed": failed_jobs,
+        "failed_methods": failed_methods,
         "files": [str(p.relative_to(out)) for p in files],
     }
-    return _write(out / "report.html", html_mod.render(ctx))
+    _write(out / "report.html", html_mod.render(ctx))

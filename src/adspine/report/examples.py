@@ -1,11 +1,14 @@
-"""Example overlays: for the best and the worst backbone of a category, test images with the ground-truth contour and
-the anomaly map on top.
+"""Example overlays: for the best and the worst backbone of a category, test images with the anomaly map, the
+ground-truth contour and a threshold contour on top.
 
 Backbones are compared with the method fixed (the dataset's top-ranked method, where it ran on the category), so the
-two rows differ by backbone and initialization only. Images are read with Pillow from the stored ``image_path`` and
-brought to the map's grid with the job's protocol (``paper``: resize to 256/224 of the size, centre crop; else plain
-resize). If the file is missing, the map is shown alone and the panel says so. Each row's map is scaled to [0, 1]
-with the min and max over that row's shown examples.
+two rows differ by backbone and initialization only. Every panel is drawn at the resolution the model saw: the image
+goes through ``adspine.data.mvtec.preprocess`` with the job's protocol and size (the exact pixels the model saw); the
+ground truth is the dataset's mask file through the same code where it can be found, else the stored mask; a stored
+map smaller than the model's input is resized to it (bilinear). Colours: one continuous colour map per row, scaled
+from that row's lowest to highest map value (colour bar = raw scores). Threshold contour: the pixel threshold that
+maximizes F1 over the row's shown pixels (chosen on these test images: an illustration, not an operating point).
+If the image file is missing, the map is shown alone and the panel says so.
 """
 
 from __future__ import annotations
@@ -85,37 +88,91 @@ def _select(examples: list[dict], n: int) -> list[dict]:
     return sorted(chosen, key=lambda e: e.get("idx", 0))
 
 
-def load_view(path: str | None, shape: tuple[int, int], protocol: str | None) -> np.ndarray | None:
-    """The test image as float RGB on the map's grid, or None if the file is missing or unreadable."""
-    if not path or not Path(path).is_file():
+def model_size(job: dict, default: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) the model saw: ``image_height`` / ``image_width``, else square ``image_size``, else ``default``."""
+    h, w = job.get("image_height"), job.get("image_width")
+    if h and w:
+        return int(h), int(w)
+    s = job.get("image_size")
+    return (int(s), int(s)) if s else default
+
+
+def _size_arg(hw: tuple[int, int]):
+    return hw[0] if hw[0] == hw[1] else hw
+
+
+def _mask_file(image_path: Path, defect: str | None) -> Path | None:
+    """The MVTec-format mask of a test image (``<category>/ground_truth/<defect>/...``), or None."""
+    from adspine.data.mvtec import mask_path_for
+
+    if not defect or defect == "good" or len(image_path.parents) < 3:
         return None
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            h, w = shape
-            if protocol == "paper" and h == w:
-                s = round(h * 256 / 224)
-                im = im.resize((s, s), Image.BILINEAR)
-                left = (s - w) // 2
-                top = (s - h) // 2
-                im = im.crop((left, top, left + w, top + h))
-            else:
-                im = im.resize((w, h), Image.BILINEAR)
-            return np.asarray(im, dtype=np.float32) / 255.0
+        return mask_path_for(image_path.parents[2], defect, image_path)
     except OSError:
         return None
 
 
+def load_view(path: str | None, hw: tuple[int, int], protocol: str | None, defect: str | None = None
+              ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(image float (H, W, 3), mask bool (H, W) or None) exactly as the model saw them, via the study's own
+    ``preprocess``; (None, None) if the image file is missing or unreadable."""
+    from adspine.data.images import load_mask, load_rgb
+    from adspine.data.mvtec import preprocess
+
+    if not path or not Path(path).is_file():
+        return None, None
+    try:
+        image = load_rgb(Path(path))
+        mpath = _mask_file(Path(path), defect)
+        mask = load_mask(mpath) if mpath is not None else None
+        if mask is not None and mask.shape != image.shape[:2]:
+            mask = None
+        img, msk = preprocess(image, mask, protocol or "resize", _size_arg(hw))
+    except (OSError, ValueError):
+        return None, None
+    return img.permute(1, 2, 0).numpy(), (msk.numpy() if mask is not None else None)
+
+
+def to_grid(a: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """A stored map (bilinear) or mask (nearest) brought to the model's (H, W)."""
+    import torch
+
+    a = np.asarray(a)
+    if a.shape == tuple(hw):
+        return a
+    t = torch.as_tensor(a.astype(np.float32))[None, None]
+    if nearest:
+        return torch.nn.functional.interpolate(t, size=hw, mode="nearest-exact")[0, 0].numpy() > 0.5
+    return torch.nn.functional.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def f1_threshold(maps: list[np.ndarray], masks: list[np.ndarray]) -> float | None:
+    """Pixel threshold with the highest F1 over the given maps and masks; None without both classes."""
+    from sklearn.metrics import precision_recall_curve
+
+    y = np.concatenate([np.asarray(m, bool).ravel() for m in masks])
+    if y.all() or not y.any():
+        return None
+    s = np.concatenate([np.asarray(m, np.float64).ravel() for m in maps])
+    prec, rec, thr = precision_recall_curve(y, s)
+    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+    return float(thr[int(np.argmax(f1))])
+
+
 def _examples_for(store, pick: Pick, n: int) -> list[dict]:
-    seeds = sorted({r.get("rd_seed") for r in pick.jobs}, key=lambda s: (s is not None, s))
+    seeds = sorted({r.get("rd_seed") for r in pick.jobs}, key=lambda s: (s is None, s or 0))
     for r in sorted(pick.jobs, key=lambda r: seeds.index(r.get("rd_seed"))):
         ex = store.examples(r["job_id"], r["method"], r.get("rd_seed"))
         ex = [e for e in ex if e.get("amap") is not None]
         if ex:
             for e in ex:
-                e["protocol"] = r.get("protocol")
+                e["job"] = r
             return _select(ex, n)
     return []
+
+
+CMAP = "inferno"
 
 
 def render_category(store, item: CategoryExamples, path: Path, n: int = 4) -> Path | None:
@@ -126,29 +183,37 @@ def render_category(store, item: CategoryExamples, path: Path, n: int = 4) -> Pa
     if not rows:
         return None
     ncol = max(len(r[2]) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.6 * ncol, 2.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol + 1, figsize=(2.6 * ncol + 0.5, 2.9 * len(rows)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * ncol + [0.06]})
     for ax in axes.ravel():
         ax.axis("off")
     for ri, (tag, pick, exs) in enumerate(rows):
-        maps = [np.asarray(e["amap"], dtype=np.float32) for e in exs]
+        views = []
+        for e in exs:
+            hw = model_size(e["job"], tuple(np.asarray(e["amap"]).shape))
+            img, gt = load_view(e.get("image_path"), hw, e["job"].get("protocol"), e.get("defect"))
+            if gt is None and e.get("mask") is not None:
+                gt = to_grid(e["mask"], hw, nearest=True)
+            views.append((img, gt, to_grid(np.asarray(e["amap"], dtype=np.float32), hw)))
+        maps = [v[2] for v in views]
         lo = float(min(np.nanmin(m) for m in maps))
         hi = float(max(np.nanmax(m) for m in maps))
-        scale = hi - lo if hi > lo else 1.0
-        for ci, (e, amap) in enumerate(zip(exs, maps)):
+        hi = hi if hi > lo else lo + 1.0
+        thr = f1_threshold(maps, [v[1] if v[1] is not None else np.zeros(v[2].shape, bool) for v in views])
+        for ci, (e, (img, gt, amap)) in enumerate(zip(exs, views)):
             ax = axes[ri, ci]
-            norm = (amap - lo) / scale
-            img = load_view(e.get("image_path"), amap.shape, e.get("protocol"))
             if img is None:
-                ax.imshow(norm, cmap="jet", vmin=0, vmax=1)
+                im = ax.imshow(amap, cmap=CMAP, vmin=lo, vmax=hi)
                 note = "image missing: map only"
                 item.notes.append(f"{tag} {pick.label}: image file not found, map shown alone: {e.get('image_path')}")
             else:
                 ax.imshow(img)
-                ax.imshow(heat_rgba(norm))
+                im = ax.imshow(amap, cmap=CMAP, vmin=lo, vmax=hi, alpha=0.5)
                 note = None
-            mask = e.get("mask")
-            if mask is not None and np.asarray(mask).any():
-                ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="lime", linewidths=1.2)
+            if gt is not None and np.asarray(gt).any():
+                ax.contour(np.asarray(gt, dtype=float), levels=[0.5], colors="lime", linewidths=1.2)
+            if thr is not None and lo < thr < hi and (amap > thr).any():
+                ax.contour(amap, levels=[thr], colors="cyan", linewidths=1.0, linestyles="dashed")
             score = e.get("score")
             title = f"{e.get('defect') or ('good' if e.get('label') == 0 else '?')}"
             if score is not None:
@@ -160,9 +225,15 @@ def render_category(store, item: CategoryExamples, path: Path, n: int = 4) -> Pa
             ax.set_xticks([])
             ax.set_yticks([])
             if ci == 0:
-                ax.set_ylabel(f"{tag}: {pick.backbone}\n({pick.init})\n{pct(pick.image_auroc)} %", fontsize=8)
+                h, w = amap.shape
+                ax.set_ylabel(f"{tag}: {pick.backbone}\n({pick.init})\n{pct(pick.image_auroc)} % | {w}x{h}px",
+                              fontsize=8)
+        cax = axes[ri, ncol]
+        cax.axis("on")
+        opaque = plt.cm.ScalarMappable(norm=im.norm, cmap=im.cmap)  # the bar without the overlay's transparency
+        fig.colorbar(opaque, cax=cax).ax.tick_params(labelsize=7)
     fig.suptitle(f"{item.dataset} / {item.category}: {method_name(rows[0][1].method)}; green = ground truth, "
-                 f"colour = anomaly map", fontsize=9)
+                 f"cyan dashed = F1-max threshold over the shown pixels, colour = anomaly score", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -173,10 +244,3 @@ def render_category(store, item: CategoryExamples, path: Path, n: int = 4) -> Pa
         im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     item.path = path
     return path
-
-
-def heat_rgba(norm: np.ndarray, max_alpha: float = 0.75) -> np.ndarray:
-    """Jet colours whose opacity grows with the map value, so the image stays visible where the map is low."""
-    rgba = plt.get_cmap("jet")(np.clip(norm, 0, 1))
-    rgba[..., 3] = max_alpha * np.clip(norm, 0, 1) ** 0.8
-    return rgba

@@ -6,7 +6,8 @@ import base64
 from html import escape
 from pathlib import Path
 
-from adspine.report.tables import RANKING_HEAD, FamilyTable, config_label, method_name, pct, ranking_cells, slug
+from adspine.report.tables import (RANKING_HEAD, FamilyTable, config_label, method_name, pct, ranking_cells,
+                                   ranking_note, slug)
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0;color:#1d2430;
@@ -27,6 +28,7 @@ th{background:#eef2f7;position:sticky;top:0}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.mean td{background:#f5f8fc;font-style:italic}
 tr.first td{border-top:2px solid #8a99ad}
+tr.close td{background:#f1f8f1}
 td.best{font-weight:700;color:#0b5d1e}
 .rec{background:#eef7ee;border-left:5px solid #2e7d32;padding:10px 14px;margin:10px 0;font-size:15px}
 .warn{background:#fff4e5;border-left:5px solid #e07b00;padding:8px 12px}
@@ -52,22 +54,21 @@ def img(path: Path, alt: str, caption: str | None = None, wide: bool = False) ->
 
 
 def family_table_html(t: FamilyTable) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in ["method", "category", *t.variants])
-    body, prev = [], None
+    groups = [(v, [c for c in t.columns if c[0] == v]) for v in range(len(t.variants))]
+    head1 = '<th rowspan="2">category</th>' + "".join(
+        f'<th colspan="{len(cs)}">{escape(t.variants[v])}</th>' for v, cs in groups if cs)
+    head2 = "".join(f"<th>{escape(method_name(m))}</th>" for _, m in t.columns)
+    body, prev_mean = [], False
     for r in t.rows:
-        best = t.best_index(r)
-        cls = [c for c, on in (("mean", r.is_mean), ("first", prev is not None and r.method != prev)) if on]
-        cells = []
-        for i, (a, b) in enumerate(r.cells):
-            star = "*" if r.incomplete and r.incomplete[i] else ""
-            cells.append(f'<td class="n{" best" if i == best else ""}">{pct(a)} / {pct(b)}{star}</td>')
-        m = escape(method_name(r.method)) if r.method != prev else ""
-        body.append(f'<tr class="{" ".join(cls)}"><td>{m}</td><td>{escape(r.label)}</td>{"".join(cells)}</tr>')
-        prev = r.method
-    note = ('<p class="muted">* mean over the categories that have a value.</p>'
-            if any(any(r.incomplete) for r in t.rows) else "")
-    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-            + note)
+        best = t.best_columns(r)
+        cls = [c for c, on in (("mean", r.is_mean), ("first", r.is_mean and not prev_mean)) if on]
+        cells = "".join(f'<td class="n{" best" if col in best else ""}">{escape(t.cell_text(r, col))}</td>'
+                        for col in t.columns)
+        body.append(f'<tr class="{" ".join(cls)}"><td>{escape(r.label)}</td>{cells}</tr>')
+        prev_mean = r.is_mean
+    note = ('<p class="muted">* mean over the categories that have a value.</p>' if t.has_incomplete else "")
+    return (f'<div class="scroll"><table><thead><tr>{head1}</tr><tr>{head2}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>' + note)
 
 
 def ranking_html(entries: list[dict]) -> str:
@@ -75,34 +76,79 @@ def ranking_html(entries: list[dict]) -> str:
     body = []
     for e in entries:
         cells = ranking_cells(e)
+        cls = ' class="close"' if e.get("is_best") or e.get("indistinguishable_from_best") else ""
         tds = "".join(f'<td{"" if j in (1, 2, 3) else " class=n"}>{escape(c)}</td>' for j, c in enumerate(cells))
-        body.append(f"<tr>{tds}</tr>")
+        body.append(f"<tr{cls}>{tds}</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def significance_html(entries: list[dict], sig) -> str:
+    from adspine.report.significance import category_table
+
+    if not sig.available:
+        return f'<p class="muted">{escape(sig.reason)}.</p>'
+    cats, lines = category_table(entries, sig)
+    if not cats:
+        return '<p class="muted">No category has paired scores.</p>'
+    head = "".join(f"<th>{escape(h)}</th>" for h in ["#", "configuration", *cats])
+    body = []
+    for e, cells in lines:
+        tds = "".join(f'<td class="n{" best" if c == "best" else ""}">{escape(c)}</td>' for c in cells)
+        body.append(f"<tr><td class=n>{e['rank']}</td><td>{escape(config_label(e))}</td>{tds}</tr>")
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
 def failed_html(failed: list[dict]) -> str:
     if not failed:
-        return '<p class="muted">No failed jobs.</p>'
-    head = "".join(f"<th>{h}</th>" for h in ["dataset", "category", "backbone", "init", "started", "error"])
+        return '<p class="muted">No failed or killed jobs.</p>'
+    keys = ("status", "attempts", "dataset", "category", "backbone", "init", "started_at")
+    head = "".join(f"<th>{h}</th>" for h in [*keys, "error"])
     rows = []
     for j in failed:
         err = (j.get("error") or "").strip()
+        if not err and j.get("status") == "killed":
+            err = "the process died mid-job (e.g. out of memory)"
         err = err if len(err) < 1500 else "... " + err[-1500:]  # the end of a traceback says most
-        rows.append("<tr>" + "".join(f"<td>{escape(str(j.get(k) or '-'))}</td>" for k in
-                                     ("dataset", "category", "backbone", "init", "started_at"))
-                    + f"<td><pre>{escape(err) or '-'}</pre></td></tr>")
+        rows.append("<tr>" + "".join(f"<td>{escape(str(j.get(k) if j.get(k) is not None else '–'))}</td>"
+                                     for k in keys) + f"<td><pre>{escape(err) or '–'}</pre></td></tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def failed_methods_html(failed: list[dict]) -> str:
+    if not failed:
+        return '<p class="muted">No method failed inside a finished job.</p>'
+    keys = ("dataset", "category", "backbone", "init", "method", "rd_seed")
+    head = "".join(f"<th>{h}</th>" for h in [*keys, "error"])
+    rows = ["<tr>" + "".join(f"<td>{escape(str(r.get(k) if r.get(k) is not None else '–'))}</td>" for k in keys)
+            + f"<td><pre>{escape((r.get('error') or '').strip()[-1500:]) or '–'}</pre></td></tr>" for r in failed]
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def provenance_html(meta: dict) -> str:
+    parts = [f"<p>{escape(meta['hosts'])}</p>", f"<p>{escape(meta['load'])}</p>"]
+    if meta["versions"]:
+        parts.append("<p>Package versions:</p><ul>" + "".join(f"<li><code>{escape(v)}</code></li>"
+                                                             for v in meta["versions"]) + "</ul>")
+    else:
+        parts.append('<p class="muted">Package versions: not recorded in this store.</p>')
+    if meta["specs"]:
+        for name, spec in meta["specs"].items():
+            parts.append(f"<h3>Study spec: {escape(str(name))}</h3><pre>{escape(spec or '')}</pre>")
+    else:
+        parts.append('<p class="muted">The study spec is not recorded in this store (older store).</p>')
+    return "".join(parts)
 
 
 def render(ctx: dict) -> str:
     """The page from the build context (see ``build.build_report``)."""
     parts = []
     nav = [("recommendation", "Recommendation"), ("ranking", "Ranking"), ("plots", "Plots"),
-           ("families", "Family tables"), ("examples", "Examples"), ("failed", "Failed jobs"), ("notes", "Notes")]
+           ("families", "Family tables"), ("examples", "Examples"), ("failed", "Failed jobs"),
+           ("provenance", "Spec and machine"), ("notes", "Notes")]
     meta = ctx["meta"]
     parts.append(
         "<header><h1>adspine backbone study report</h1>"
-        f"<p>{escape(meta['summary'])}</p><p>{escape(meta['hosts'])}</p></header>"
+        f"<p>{escape(meta['summary'])}</p><p>{escape(meta['hosts'])}</p><p>{escape(meta['load'])}</p></header>"
     )
     parts.append("<nav>" + "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in nav) + "</nav><main>")
 
@@ -112,18 +158,26 @@ def render(ctx: dict) -> str:
     sec = ['<section id="recommendation"><h2>Recommendation</h2>']
     for rec in ctx["recommendations"]:
         sec.append(f"<h3>{escape(rec.dataset)}</h3><div class=\"rec\">{escape(rec.text)}</div>")
-    sec.append('<p class="muted">Latency = backbone forward ms/img at batch 1 + method predict ms/img (medians over '
-               "jobs). Quality = mean image ROC-AUC over categories (mean over Rd seeds).</p></section>")
+        if rec.fit_command:
+            sec.append(f"<p>Build it:</p><pre>{escape(rec.fit_command)}</pre>")
+    sec.append('<p class="muted">Latency = backbone forward ms/img at batch 1 + method predict ms/img, each the '
+               "minimum over short repeats where stored (median over jobs). Quality = mean image ROC-AUC over "
+               "categories (mean over Rd seeds).</p></section>")
     parts.append("".join(sec))
 
     sec = ['<section id="ranking"><h2>Overall ranking</h2>',
-           '<p class="muted">Per backbone + init + method, sorted by image ROC-AUC. Metrics in %: for each Rd seed the '
-           "mean over categories, then mean ± sample std (ddof=1) over seeds (no ± with a single seed). "
-           "Latency in ms "
-           "per image (median over jobs; bN = batch N), peak resident memory in MB (max over jobs), parameters and "
-           "FLOPs of the truncated backbone.</p>"]
+           '<p class="muted">Per backbone + init + method. Latency in ms per image, memory in MB, parameters and '
+           "FLOPs of the truncated backbone. Green rows: the best and those not distinguishable from it.</p>"]
     for ds in ctx["datasets"]:
-        sec.append(f"<h3>{escape(ds)}</h3>" + ranking_html(ctx["ranking"][ds]))
+        entries = ctx["ranking"][ds]
+        sec.append(f"<h3>{escape(ds)}</h3><p class=\"muted\">{escape(ranking_note(entries))}</p>"
+                   + ranking_html(entries))
+        sig = ctx.get("significance", {}).get(ds)
+        if sig is not None:
+            sec.append(f"<h4>{escape(ds)}: per category, against the category's best</h4>"
+                       '<p class="muted">Holm-adjusted p of the paired DeLong test of image ROC-AUC (first Rd seed), '
+                       "Holm over the configurations of each category; ≈ = not distinguishable from the best at "
+                       "5 %.</p>" + significance_html(entries, sig))
     parts.append("".join(sec) + "</section>")
 
     sec = ['<section id="plots"><h2>Plots</h2>']
@@ -132,11 +186,15 @@ def render(ctx: dict) -> str:
         plots = ctx["plots"].get(ds, {})
         captions = {
             "quality vs latency": "Filled = pretrained, hollow = random init; ringed points and the dashed step are "
-                                  "the Pareto front (no other configuration is both faster and better).",
-            "quality vs memory": "Pareto front over peak resident memory and image ROC-AUC.",
+                                  "the Pareto front (no other configuration is both faster and better). Points at "
+                                  "the minimum latency; horizontal bars reach the median; vertical bars = 95 % "
+                                  "interval of the category-mean ROC-AUC (± std over Rd seeds where no interval is "
+                                  "stored).",
+            "quality vs memory": "Pareto front over the method's memory and image ROC-AUC; bars as above.",
             "pretrained vs random init": "Mean image ROC-AUC per backbone and initialization; error bars = std over "
                                          "Rd seeds.",
-            "quality vs ImageNet top-1": "Pretrained configurations whose weights have a known ImageNet top-1.",
+            "quality vs ImageNet top-1": "Pretrained configurations whose weights have a known ImageNet top-1; "
+                                         "Pearson r with its 95 % interval only from 5 points on.",
         }
         for name, info in plots.items():
             cap = f"{name}: {captions.get(name, '')}"
@@ -163,8 +221,10 @@ def render(ctx: dict) -> str:
 
     sec = ['<section id="examples"><h2>Examples: best and worst backbone per category</h2>',
            '<p class="muted">Method fixed per dataset (its top-ranked method where it ran on the category); top row = '
-           "best, bottom row = worst backbone by image ROC-AUC. Green contour = ground truth; colour = anomaly map, "
-           "scaled per row.</p>"]
+           "best, bottom row = worst backbone by image ROC-AUC. Drawn at the resolution the model saw, through the "
+           "study's own preprocessing. Green contour = ground truth; cyan dashed = the pixel threshold with the "
+           "highest F1 over the shown images (an illustration chosen on test data); colour = anomaly score "
+           "(continuous map, one scale per row, colour bar on the right).</p>"]
     shown = [x for x in ctx["examples"] if x.path is not None]
     for x in shown:
         sec.append(f"<h3>{escape(x.dataset)} / {escape(x.category)}</h3>")
@@ -177,13 +237,16 @@ def render(ctx: dict) -> str:
         sec.append('<p class="muted">No example maps in the store.</p>')
     parts.append("".join(sec) + "</section>")
 
+    fm = ctx.get("failed_methods", [])
     parts.append(f'<section id="failed"><h2>Failed jobs ({len(ctx["failed"])})</h2>{failed_html(ctx["failed"])}'
-                 "</section>")
+                 f"<h3>Failed methods ({len(fm)})</h3>{failed_methods_html(fm)}</section>")
+    parts.append(f'<section id="provenance"><h2>Spec and machine</h2>{provenance_html(meta)}</section>')
 
     files = "".join(f"<li><code>{escape(f)}</code></li>" for f in ctx["files"])
     parts.append(
         '<section id="notes"><h2>Notes</h2><ul>'
-        "<li>ROC-AUC and AUPRO are shown in %; '-' marks a value that is missing (e.g. no pixel ground truth).</li>"
+        "<li>ROC-AUC and AUPRO are shown in %; '–' marks an absent value (e.g. no pixel ground truth). Intervals "
+        "(95 %) are in the CSV tables.</li>"
         "<li>Family table cells: mean over Rd seeds per category; the mean rows average those cells over categories."
         "</li><li>Ranking: per seed the mean over categories first, then mean and sample std (ddof=1) over seeds."
         "</li><li>F1 figures are not shown: their threshold is chosen on the test set.</li></ul>"

@@ -1,7 +1,7 @@
 """Recommendation: the best backbone + method under a per-image latency budget, in plain words.
 
-Latency of a configuration = backbone forward ms/img at batch 1 + the method's predict ms/img (both medians over
-jobs). Candidates are ranked by mean image AUROC, then pixel AUROC, then speed. Configurations without a measured
+Latency of a configuration = backbone forward ms/img at batch 1 + the method's predict ms/img, each the minimum over
+short repeats where the store has it (see ``tables.ranking``). Candidates are ranked by mean image AUROC, then pixel AUROC, then speed. Configurations without a measured
 latency cannot be checked against a budget and are left out of it.
 """
 
@@ -22,6 +22,7 @@ class Recommendation:
     n_fit: int = 0
     n_total: int = 0
     text: str = ""
+    fit_command: str | None = None  # ``adspine fit ...`` that builds ``best`` (where the detector module exists)
 
 
 def _key(e: dict):
@@ -32,10 +33,13 @@ def _describe(e: dict) -> str:
     parts = [f"image AUROC {mean_std(e, 'image_auroc')} %"]
     if e.get("pixel_auroc_mean") is not None:
         parts.append(f"pixel AUROC {mean_std(e, 'pixel_auroc')} %")
-    lat = f"{fmt(e['total_ms_b1'])} ms/img (backbone {fmt(e['backbone_ms_b1'])} + method {fmt(e['predict_ms'])})"
+    b1 = e.get("backbone_ms_b1_min") if e.get("backbone_ms_b1_min") is not None else e.get("backbone_ms_b1")
+    pr = e.get("predict_ms_min") if e.get("predict_ms_min") is not None else e.get("predict_ms")
+    lat = f"{fmt(e['total_ms_b1'])} ms/img (backbone {fmt(b1)} + method {fmt(pr)}; {e.get('latency_basis')})"
     parts.append(lat)
-    if e.get("peak_rss_mb") is not None:
-        parts.append(f"peak memory {fmt(e['peak_rss_mb'], 0)} MB")
+    if e.get("memory_mb") is not None:
+        what = "method memory (peak above baseline)" if e.get("memory_basis") == "increment" else "peak memory"
+        parts.append(f"{what} {fmt(e['memory_mb'], 0)} MB")
     return ", ".join(parts)
 
 
@@ -79,4 +83,6 @@ def to_markdown(recs: list[Recommendation]) -> str:
     out = ["# Recommendation", ""]
     for r in recs:
         out += [f"## {r.dataset}", "", r.text, ""]
+        if r.fit_command:
+            out += ["Build it:", "", "```", r.fit_command, "```", ""]
     return "\n".join(out)

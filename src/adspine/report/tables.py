@@ -6,9 +6,12 @@ Aggregation rules (also stated in the report):
   of those cells over the categories that have a value (marked ``*`` when some category is missing).
 * Ranking: for one (dataset, backbone, init, method), each Rd seed is first averaged over categories; the table shows
   the mean and the sample standard deviation (ddof=1) of those per-seed means. Methods without Rd count as one seed.
-  Latencies and predict times are medians over jobs, peak memory the maximum over jobs.
+  Entries are ranked by image ROC-AUC (the one metric every dataset has; pixel metrics are absent on image-level
+  datasets). Latency is the per-job MINIMUM over many short repeats (least disturbed by other processes; median over
+  jobs of it), with the median shown beside it; memory is the method's peak ABOVE the process baseline (maximum over
+  jobs). Older stores without these columns fall back to the median latency and the process peak, and say so.
 
-Metrics are stored as fractions in [0, 1] and shown in percent; missing values (None/NaN) are shown as ``-``.
+Metrics are stored as fractions in [0, 1] and shown in percent; missing values (None/NaN) are shown as ``–``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 METHOD_NAMES = {"padim": "PaDiM", "spade": "SPADE", "patchcore": "PatchCore", "cflow": "CFLOW-AD"}
 RANDOM_INITS = ("random", "kaiming_normal", "xavier_uniform", "orthogonal")
 KIND_ORDER = {"texture": 0, "object": 1}
+MISSING = "–"  # shown for an absent value
 
 
 # -- small helpers -----------------------------------------------------------------------------------------------
@@ -68,19 +72,19 @@ def median_or_none(values) -> float | None:
 
 def pct(v: Any, digits: int = 1) -> str:
     f = num(v)
-    return "-" if f is None else f"{100 * f:.{digits}f}"
+    return MISSING if f is None else f"{100 * f:.{digits}f}"
 
 
 def fmt(v: Any, digits: int = 1) -> str:
     f = num(v)
-    return "-" if f is None else f"{f:.{digits}f}"
+    return MISSING if f is None else f"{f:.{digits}f}"
 
 
 def fmt_big(v: Any) -> str:
     """Human-readable count: 11.2M, 1.8G."""
     f = num(v)
     if f is None:
-        return "-"
+        return MISSING
     for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(f) >= div:
             return f"{f / div:.1f}{suf}"
@@ -94,7 +98,8 @@ def slug(s: Any) -> str:
 def latex_escape(s: Any) -> str:
     s = str(s)
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+           MISSING: "--", "±": r"$\pm$", "≈": r"$\approx$"}
     return "".join(rep.get(c, c) for c in s)
 
 
@@ -129,103 +134,180 @@ def _ds(r: dict) -> str:
     return str(r.get("dataset") or "dataset")
 
 
+def is_done(r: dict) -> bool:
+    """A result row with metrics (``status`` done, or absent in older stores)."""
+    return r.get("status") in (None, "done")
+
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def mean_interval(values, los, his) -> tuple[float | None, float | None]:
+    """95 % interval of the mean of independent estimates, from their own 95 % intervals (normal approximation:
+    se_i = (hi_i - lo_i) / (2 z), se_mean = sqrt(sum se_i^2) / n); None where any interval is missing."""
+    vals = [num(v) for v in values]
+    lo_, hi_ = [num(v) for v in los], [num(v) for v in his]
+    if not vals or any(v is None for v in vals + lo_ + hi_):
+        return None, None
+    se = math.sqrt(sum(((h - lo) / (2 * Z95)) ** 2 for lo, h in zip(lo_, hi_))) / len(vals)
+    m = sum(vals) / len(vals)
+    return m - Z95 * se, m + Z95 * se
+
+
 # -- family tables -----------------------------------------------------------------------------------------------
+METRICS = ("image_auroc", "pixel_auroc")
+
+
+@dataclass
+class Cell:
+    """Mean over Rd seeds of one (category, variant, method); intervals: the one seed's 95 % CI, or with several seeds
+    the envelope (lowest lo, highest hi) of the seeds' CIs; mean rows: ``mean_interval`` over the categories."""
+
+    values: dict[str, float | None] = field(default_factory=dict)  # metric -> value
+    lo: dict[str, float | None] = field(default_factory=dict)
+    hi: dict[str, float | None] = field(default_factory=dict)
+    n_seeds: int = 0
+    incomplete: bool = False  # mean rows: some category had no value
+
+    def get(self, metric: str) -> float | None:
+        return self.values.get(metric)
+
+
 @dataclass
 class TableRow:
-    method: str
-    label: str  # category name or 'mean' / 'texture mean' / 'object mean'
+    label: str  # category name, or 'texture mean' / 'object mean' / 'mean'
     is_mean: bool
-    cells: list[tuple[float | None, float | None]]  # (image AUROC, pixel AUROC) per variant, fractions
-    incomplete: list[bool] = field(default_factory=list)  # mean rows: some category had no value
+    cells: dict[tuple[int, str], Cell]  # (variant index, method) -> cell
 
 
 @dataclass
 class FamilyTable:
+    """Thesis layout: rows = categories (+ texture / object / overall means), column groups = variants, within each
+    group one column per method; a cell is "image ROC-AUC / pixel ROC-AUC" in %."""
+
     dataset: str
     family: str
-    variants: list[str]  # column labels
-    keys: list[tuple[str, str]]  # (backbone, init) per column
+    variants: list[str]  # column-group labels
+    keys: list[tuple[str, str]]  # (backbone, init) per variant
+    methods: list[str]
+    columns: list[tuple[int, str]]  # (variant index, method) present in the data, in display order
     rows: list[TableRow]
 
     @property
     def name(self) -> str:
         return f"{slug(self.dataset)}_{slug(self.family)}"
 
-    def best_index(self, row: TableRow) -> int | None:
-        vals = [(c[0], i) for i, c in enumerate(row.cells) if c[0] is not None]
-        return max(vals)[1] if len(vals) > 1 else None
+    def best_columns(self, row: TableRow) -> set[tuple[int, str]]:
+        """Per method, the variant(s) with the highest image ROC-AUC in this row (only with >= 2 values)."""
+        best = set()
+        for m in self.methods:
+            vals = {c: row.cells[c].get("image_auroc") for c in self.columns if c[1] == m and c in row.cells}
+            vals = {c: v for c, v in vals.items() if v is not None}
+            if len(vals) > 1:
+                top = max(vals.values())
+                best |= {c for c, v in vals.items() if v == top}
+        return best
 
-    def _cell(self, row: TableRow, i: int) -> str:
-        img, pix = row.cells[i]
-        star = "*" if row.incomplete and row.incomplete[i] else ""
-        return f"{pct(img)} / {pct(pix)}{star}"
+    def cell_text(self, row: TableRow, col: tuple[int, str]) -> str:
+        c = row.cells.get(col)
+        if c is None:
+            return f"{MISSING} / {MISSING}"
+        return f"{pct(c.get('image_auroc'))} / {pct(c.get('pixel_auroc'))}" + ("*" if c.incomplete else "")
+
+    def column_label(self, col: tuple[int, str]) -> str:
+        return f"{self.variants[col[0]]} · {method_name(col[1])}"
+
+    @property
+    def has_incomplete(self) -> bool:
+        return any(c.incomplete for r in self.rows for c in r.cells.values())
 
     def to_markdown(self) -> str:
-        head = ["method", "category", *self.variants]
+        head = ["category", *(self.column_label(c) for c in self.columns)]
         lines = [
             f"**{md_escape(self.family)}** on {md_escape(self.dataset)}: image ROC-AUC / pixel ROC-AUC (%), "
-            "mean over Rd seeds",
+            f"mean over Rd seeds; {MISSING} = absent (e.g. no pixel ground truth)",
             "",
             "| " + " | ".join(md_escape(h) for h in head) + " |",
-            "|" + "|".join(["---", "---"] + ["---:"] * len(self.variants)) + "|",
+            "|" + "|".join(["---"] + ["---:"] * len(self.columns)) + "|",
         ]
         for r in self.rows:
-            label = f"**{r.label}**" if r.is_mean else r.label
-            cells = [self._cell(r, i) for i in range(len(self.variants))]
-            lines.append("| " + " | ".join([method_name(r.method), md_escape(label), *cells]) + " |")
-        if any(any(r.incomplete) for r in self.rows):
+            label = f"**{md_escape(r.label)}**" if r.is_mean else md_escape(r.label)
+            lines.append("| " + " | ".join([label, *(self.cell_text(r, c) for c in self.columns)]) + " |")
+        if self.has_incomplete:
             lines += ["", "\\* mean over the categories that have a value."]
         return "\n".join(lines) + "\n"
 
     def to_latex(self) -> str:
-        n = len(self.variants)
+        n = len(self.columns)
+        groups = [(v, [c for c in self.columns if c[0] == v]) for v in range(len(self.variants))]
+        groups = [(v, cs) for v, cs in groups if cs]
+        head1, rules, start = ["Category"], [], 2
+        for v, cs in groups:
+            head1.append(r"\multicolumn{" + str(len(cs)) + "}{c}{" + latex_escape(self.variants[v]) + "}")
+            rules.append(r"\cmidrule(lr){" + f"{start}-{start + len(cs) - 1}" + "}")
+            start += len(cs)
+        head2 = [""] + [latex_escape(method_name(m)) for _, m in self.columns]
         out = [
             r"% needs \usepackage{booktabs}",
             r"\begin{table}[htbp]",
             r"\centering",
             r"\caption{" + latex_escape(f"{self.family} on {self.dataset}") +
-            r": image / pixel ROC-AUC (\%), mean over Rd seeds; best image ROC-AUC per row in bold.}",
+            r": image / pixel ROC-AUC (\%), mean over Rd seeds; best image ROC-AUC per method and row in bold; "
+            r"-- = absent.}",
             r"\label{tab:" + slug(self.name).replace("_", "-") + "}",
-            r"\begin{tabular}{ll" + "c" * n + "}",
+            r"\resizebox{\textwidth}{!}{%",
+            r"\begin{tabular}{l" + "c" * n + "}",
             r"\toprule",
-            "Method & Category & " + " & ".join(latex_escape(v) for v in self.variants) + r" \\",
+            " & ".join(head1) + r" \\",
+            " ".join(rules),
+            " & ".join(head2) + r" \\",
             r"\midrule",
         ]
-        prev_method, prev_mean = None, False
+        first_mean = True
         for r in self.rows:
-            if prev_method is not None and r.method != prev_method:
+            if r.is_mean and first_mean:
                 out.append(r"\midrule")
-            elif prev_method == r.method and r.is_mean and not prev_mean:
-                out.append(r"\cmidrule(lr){2-" + str(n + 2) + "}")
-            prev_mean = r.is_mean
-            best = self.best_index(r)
+                first_mean = False
+            best = self.best_columns(r)
             cells = []
-            for i in range(n):
-                img, pix = r.cells[i]
-                star = "$^*$" if r.incomplete and r.incomplete[i] else ""
-                a = pct(img)
-                a = rf"\textbf{{{a}}}" if i == best else a
-                cells.append(f"{a} / {pct(pix)}{star}")
+            for col in self.columns:
+                c = r.cells.get(col)
+                img, pix = (c.get("image_auroc"), c.get("pixel_auroc")) if c else (None, None)
+                a = latex_escape(pct(img))
+                a = rf"\textbf{{{a}}}" if col in best else a
+                star = "$^*$" if c is not None and c.incomplete else ""
+                cells.append(f"{a} / {latex_escape(pct(pix))}{star}")
             label = rf"\textit{{{latex_escape(r.label)}}}" if r.is_mean else latex_escape(r.label)
-            m = latex_escape(method_name(r.method)) if r.method != prev_method else ""
-            out.append(f"{m} & {label} & " + " & ".join(cells) + r" \\")
-            prev_method = r.method
-        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+            out.append(f"{label} & " + " & ".join(cells) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
         return "\n".join(out) + "\n"
 
+    CSV_COLUMNS = ["dataset", "family", "category", "is_mean", "variant", "backbone", "init", "method", "n_seeds",
+                   "image_auroc", "image_auroc_lo", "image_auroc_hi", "pixel_auroc", "pixel_auroc_lo",
+                   "pixel_auroc_hi"]
+
     def to_csv(self) -> str:
+        """Long format, one line per (row, variant, method), with the 95 % intervals (see ``Cell``)."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        head = ["dataset", "family", "method", "category", "is_mean"]
-        for v in self.variants:
-            head += [f"{v} image_auroc", f"{v} pixel_auroc"]
-        w.writerow(head)
+        w.writerow(self.CSV_COLUMNS)
         for r in self.rows:
-            line = [self.dataset, self.family, r.method, r.label, int(r.is_mean)]
-            for img, pix in r.cells:
-                line += ["" if img is None else f"{img:.6f}", "" if pix is None else f"{pix:.6f}"]
-            w.writerow(line)
+            for col in self.columns:
+                c = r.cells.get(col)
+                if c is None:
+                    continue
+                b, i = self.keys[col[0]]
+                line = [self.dataset, self.family, r.label, int(r.is_mean), self.variants[col[0]], b, i, col[1],
+                        c.n_seeds]
+                for m in METRICS:
+                    line += [_csv_num(c.values.get(m)), _csv_num(c.lo.get(m)), _csv_num(c.hi.get(m))]
+                w.writerow(line)
         return buf.getvalue()
+
+
+def _csv_num(v) -> str:
+    f = num(v)
+    return "" if f is None else f"{f:.6f}"
 
 
 def variant_labels(keys: list[tuple[str, str]]) -> list[str]:
@@ -234,8 +316,39 @@ def variant_labels(keys: list[tuple[str, str]]) -> list[str]:
     return [f"{b} ({i})" if several else str(b) for b, i in keys]
 
 
+def _cell(rows: list[dict]) -> Cell:
+    by_seed: dict[Any, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_seed[r.get("rd_seed")].append(r)
+    c = Cell(n_seeds=len(by_seed))
+    for m in METRICS:
+        c.values[m] = mean_or_none(r.get(m) for r in rows)
+        los = [num(r.get(f"{m}_lo")) for r in rows]
+        his = [num(r.get(f"{m}_hi")) for r in rows]
+        ok = c.values[m] is not None and rows and all(v is not None for v in los + his)
+        c.lo[m] = min(los) if ok else None
+        c.hi[m] = max(his) if ok else None
+    return c
+
+
+def _mean_cell(cells: list[Cell | None]) -> Cell | None:
+    present = [c for c in cells if c is not None]
+    if not present:
+        return None
+    out = Cell(n_seeds=max(c.n_seeds for c in present))
+    for m in METRICS:
+        vals = [c.get(m) if c else None for c in cells]
+        have = [c for c in present if c.get(m) is not None]
+        out.values[m] = mean_or_none(vals)
+        out.incomplete |= out.values[m] is not None and len(have) < len(cells)
+        lo, hi = mean_interval([c.get(m) for c in have], [c.lo.get(m) for c in have], [c.hi.get(m) for c in have])
+        out.lo[m], out.hi[m] = (lo, hi) if len(have) == len(cells) else (None, None)
+    return out
+
+
 def family_tables(rows: list[dict]) -> list[FamilyTable]:
-    """One table per (dataset, family) from the flat store rows."""
+    """One table per (dataset, family) from the flat store rows (failed result rows are skipped)."""
+    rows = [r for r in rows if is_done(r)]
     tables = []
     for ds in datasets(rows):
         drows = [r for r in rows if _ds(r) == ds]
@@ -244,52 +357,49 @@ def family_tables(rows: list[dict]) -> list[FamilyTable]:
             keys = _uniq((r["backbone"], r["init"]) for r in frows)
             methods = _uniq(r["method"] for r in frows)
             cats = category_order(frows)
-            # (method, category, key) -> list of (image, pixel) over seeds
-            acc: dict[tuple, list] = defaultdict(list)
+            acc: dict[tuple, list[dict]] = defaultdict(list)
             for r in frows:
-                acc[(r["method"], r["category"], (r["backbone"], r["init"]))].append(
-                    (num(r.get("image_auroc")), num(r.get("pixel_auroc"))))
-            trows: list[TableRow] = []
-            for m in methods:
-                cat_cells: dict[str, list] = {}
-                for c, _k in cats:
-                    cells = []
-                    for key in keys:
-                        vals = acc.get((m, c, key), [])
-                        cells.append((mean_or_none(v[0] for v in vals), mean_or_none(v[1] for v in vals)))
-                    cat_cells[c] = cells
-                    if any(a is not None or b is not None for a, b in cells):
-                        trows.append(TableRow(m, str(c), False, cells))
-                groups = [("mean", [c for c, _ in cats])]
-                kinds_present = _uniq(k for _, k in cats if k in KIND_ORDER)
-                if kinds_present:
-                    for kind in sorted(kinds_present, key=KIND_ORDER.get):
-                        groups.append((f"{kind} mean", [c for c, k in cats if k == kind]))
-                for label, members in groups:
-                    cells, inc = [], []
-                    for j in range(len(keys)):
-                        col_img = [cat_cells[c][j][0] for c in members]
-                        col_pix = [cat_cells[c][j][1] for c in members]
-                        img, pix = mean_or_none(col_img), mean_or_none(col_pix)
-                        cells.append((img, pix))
-                        partial = lambda col, v: v is not None and any(x is None for x in col)  # noqa: E731
-                        inc.append(partial(col_img, img) or partial(col_pix, pix))
-                    trows.append(TableRow(m, label, True, cells, inc))
-            tables.append(FamilyTable(ds, fam, variant_labels(keys), keys, trows))
+                acc[(r["category"], keys.index((r["backbone"], r["init"])), r["method"])].append(r)
+            columns = [(v, m) for v in range(len(keys)) for m in methods
+                       if any((c, v, m) in acc for c, _ in cats)]
+            per_cat = {c: {col: _cell(acc[(c, *col)]) for col in columns if (c, *col) in acc} for c, _ in cats}
+            trows = [TableRow(str(c), False, per_cat[c]) for c, _ in cats if per_cat[c]]
+            groups = [(f"{kind} mean", [c for c, k in cats if k == kind])
+                      for kind in sorted(_uniq(k for _, k in cats if k in KIND_ORDER), key=KIND_ORDER.get)]
+            groups.append(("mean", [c for c, _ in cats]))
+            for label, members in groups:
+                cells = {}
+                for col in columns:
+                    mc = _mean_cell([per_cat[c].get(col) for c in members])
+                    if mc is not None:
+                        cells[col] = mc
+                trows.append(TableRow(label, True, cells))
+            tables.append(FamilyTable(ds, fam, variant_labels(keys), keys, methods, columns, trows))
     return tables
 
 
 # -- ranking -----------------------------------------------------------------------------------------------------
 RANKING_CSV_COLUMNS = [
     "dataset", "rank", "backbone", "family", "init", "weights_tag", "method", "n_categories", "n_seeds",
-    "image_auroc_mean", "image_auroc_std", "pixel_auroc_mean", "pixel_auroc_std", "aupro_mean", "aupro_std",
-    "backbone_ms_b1", "backbone_ms_bn", "predict_ms", "total_ms_b1", "peak_rss_mb", "params", "flops",
-    "imagenet_top1", "fit_s", "model_bytes", "device",
+    "image_auroc_mean", "image_auroc_std", "image_auroc_lo", "image_auroc_hi", "pixel_auroc_mean", "pixel_auroc_std",
+    "aupro_mean", "aupro_std", "vs_best_p_holm", "indistinguishable_from_best", "backbone_ms_b1_min",
+    "backbone_ms_b1", "backbone_ms_bn_min", "backbone_ms_bn", "predict_ms_min", "predict_ms", "total_ms_b1",
+    "latency_basis", "method_peak_mb", "peak_rss_mb", "memory_basis", "memory_source", "params", "flops",
+    "imagenet_top1", "fit_s", "model_bytes", "device", "threads", "load_avg_max", "rd_scheme",
 ]
 
 
+def _job_median(jobs, key) -> float | None:
+    return median_or_none(j.get(key) for j in jobs)
+
+
 def ranking(rows: list[dict]) -> list[dict]:
-    """One entry per (dataset, backbone, init, method), sorted per dataset by mean image AUROC (missing last)."""
+    """One entry per (dataset, backbone, init, method), ranked per dataset by mean image AUROC (missing last).
+
+    Latency ``total_ms_b1`` = backbone batch-1 ms/img + method predict ms/img, each the per-job minimum over repeats
+    (median over jobs) where the store has it (``latency_basis`` = "minimum"), else the medians ("median").
+    """
+    rows = [r for r in rows if is_done(r)]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(_ds(r), r["backbone"], r["init"], r["method"])].append(r)
@@ -303,6 +413,7 @@ def ranking(rows: list[dict]) -> list[dict]:
             "family": _first(r.get("family") for r in g), "weights_tag": _first(r.get("weights_tag") for r in g),
             "n_categories": len({r["category"] for r in g}), "n_seeds": len(by_seed),
             "seeds": sorted(by_seed, key=lambda s: (s is None, s)),
+            "categories": _uniq(r["category"] for r in g),
         }
         for metric in ("image_auroc", "pixel_auroc", "aupro"):
             per_seed = [mean_or_none(r.get(metric) for r in sr) for sr in by_seed.values()]
@@ -310,20 +421,45 @@ def ranking(rows: list[dict]) -> list[dict]:
             entry[f"{metric}_per_seed"] = per_seed
             entry[f"{metric}_mean"] = mean_or_none(per_seed)
             entry[f"{metric}_std"] = std_or_none(per_seed)
-        jobs = {r["job_id"]: r for r in g}.values()
-        entry["backbone_ms_b1"] = median_or_none(j.get("backbone_ms_b1") for j in jobs)
-        entry["backbone_ms_bn"] = median_or_none(j.get("backbone_ms_bn") for j in jobs)
+        # 95 % interval of the category mean for the first seed (per-category DeLong intervals combined)
+        first = by_seed[entry["seeds"][0]]
+        entry["image_auroc_lo"], entry["image_auroc_hi"] = mean_interval(
+            [r.get("image_auroc") for r in first], [r.get("image_auroc_lo") for r in first],
+            [r.get("image_auroc_hi") for r in first])
+        jobs = list({r["job_id"]: r for r in g}.values())
+        for key in ("backbone_ms_b1", "backbone_ms_bn", "backbone_ms_b1_min", "backbone_ms_bn_min"):
+            entry[key] = _job_median(jobs, key)
         entry["predict_ms"] = median_or_none(r.get("predict_ms") for r in g)
+        entry["predict_ms_min"] = median_or_none(r.get("predict_ms_min") for r in g)
+        b1min, prmin = entry["backbone_ms_b1_min"], entry["predict_ms_min"]
         b1, pr = entry["backbone_ms_b1"], entry["predict_ms"]
-        entry["total_ms_b1"] = None if b1 is None else b1 + (pr or 0.0)
+        entry["total_ms_b1_median"] = None if b1 is None else b1 + (pr or 0.0)
+        if b1min is not None:
+            entry["total_ms_b1"] = b1min + (prmin if prmin is not None else (pr or 0.0))
+            entry["latency_basis"] = "minimum" if prmin is not None or pr is None else "minimum (backbone only)"
+        else:
+            entry["total_ms_b1"] = entry["total_ms_b1_median"]
+            entry["latency_basis"] = None if b1 is None else "median"
+        inc = [v for v in (num(r.get("method_peak_mb")) for r in g) if v is not None]
         rss = [v for v in (num(r.get("peak_rss_mb")) for r in g) if v is not None]
+        entry["method_peak_mb"] = max(inc) if inc else None
         entry["peak_rss_mb"] = max(rss) if rss else None
+        entry["memory_mb"] = entry["method_peak_mb"] if inc else entry["peak_rss_mb"]
+        entry["memory_basis"] = "increment" if inc else ("process peak" if rss else None)
+        entry["memory_source"] = ", ".join(sorted({str(r["memory_source"]) for r in g if r.get("memory_source")}))
         entry["params"] = _first(j.get("params") for j in jobs)
         entry["flops"] = _first(j.get("flops") for j in jobs)
         entry["imagenet_top1"] = _first(j.get("imagenet_top1") for j in jobs)
         entry["fit_s"] = median_or_none(r.get("fit_s") for r in g)
         entry["model_bytes"] = median_or_none(r.get("model_bytes") for r in g)
         entry["device"] = _first(j.get("device") for j in jobs)
+        entry["threads"] = _first(j.get("threads") for j in jobs)
+        loads = [v for v in (num(j.get("load_avg")) for j in jobs) if v is not None]
+        entry["load_avg_max"] = max(loads) if loads else None
+        entry["rd_scheme"] = ", ".join(sorted({str(r["rd_scheme"]) for r in g if r.get("rd_scheme")}))
+        entry["pixel_level"] = entry["pixel_auroc_mean"] is not None
+        entry["vs_best_p_holm"] = None
+        entry["indistinguishable_from_best"] = None
         out.append(entry)
     order = {d: i for i, d in enumerate(datasets(rows))}
     out.sort(key=lambda e: (order[e["dataset"]], e["image_auroc_mean"] is None, -(e["image_auroc_mean"] or 0),
@@ -343,25 +479,63 @@ def config_label(e: dict) -> str:
 def mean_std(e: dict, metric: str, pm: str = "±") -> str:
     m, s = e.get(f"{metric}_mean"), e.get(f"{metric}_std")
     if m is None:
-        return "-"
+        return MISSING
     return f"{pct(m)} {pm} {pct(s)}" if s is not None else pct(m)
 
 
-RANKING_HEAD = ["#", "backbone", "init", "method", "image AUROC", "pixel AUROC", "AUPRO", "seeds",
-                "backbone ms b1", "backbone ms bN", "method ms", "peak MB", "params", "FLOPs"]
+def vs_best(e: dict) -> str:
+    """``best``, ``≈ p=0.31`` (not distinguishable from the best), ``p=0.002`` (worse), or ``–`` (no paired test)."""
+    if e.get("is_best"):
+        return "best"
+    p = e.get("vs_best_p_holm")
+    if p is None:
+        return MISSING
+    return f"{'≈ ' if e.get('indistinguishable_from_best') else ''}p={p:.2g}"
+
+
+RANKING_HEAD = ["#", "backbone", "init", "method", "image AUROC", "vs best", "pixel AUROC", "AUPRO", "seeds",
+                "backbone ms b1 (min)", "method ms (min)", "total ms (min)", "total ms (median)", "method MB",
+                "params", "FLOPs"]
 
 
 def ranking_cells(e: dict, pm: str = "±") -> list[str]:
     return [str(e["rank"]), str(e["backbone"]), str(e["init"]), method_name(e["method"]),
-            mean_std(e, "image_auroc", pm), mean_std(e, "pixel_auroc", pm), mean_std(e, "aupro", pm),
-            str(e["n_seeds"]), fmt(e["backbone_ms_b1"]), fmt(e["backbone_ms_bn"]), fmt(e["predict_ms"]),
-            fmt(e["peak_rss_mb"], 0), fmt_big(e["params"]), fmt_big(e["flops"])]
+            mean_std(e, "image_auroc", pm), vs_best(e), mean_std(e, "pixel_auroc", pm), mean_std(e, "aupro", pm),
+            str(e["n_seeds"]), fmt(e.get("backbone_ms_b1_min") if e.get("backbone_ms_b1_min") is not None
+                                   else e.get("backbone_ms_b1")),
+            fmt(e.get("predict_ms_min") if e.get("predict_ms_min") is not None else e.get("predict_ms")),
+            fmt(e["total_ms_b1"]), fmt(e.get("total_ms_b1_median")), fmt(e.get("memory_mb"), 0),
+            fmt_big(e["params"]), fmt_big(e["flops"])]
+
+
+def ranking_note(entries: list[dict]) -> str:
+    """What the ranking's numbers are, stated from the data actually present."""
+    parts = ["Ranked by mean image ROC-AUC (%): per Rd seed the mean over categories, then mean ± sample std "
+             "(ddof=1) over seeds."]
+    if entries and not any(e.get("pixel_level") for e in entries):
+        parts.append("This dataset has no pixel ground truth (image-level): pixel ROC-AUC and AUPRO are absent and "
+                     "the ranking uses image ROC-AUC only.")
+    if any(e.get("vs_best_p_holm") is not None for e in entries):
+        parts.append("'vs best': paired DeLong test of image ROC-AUC against rank 1 on the same test images, "
+                     "combined over categories, Holm-corrected over all configurations; ≈ = not distinguishable "
+                     "from the best at the 5 % level.")
+    bases = {e.get("latency_basis") for e in entries if e.get("latency_basis")}
+    if bases == {"minimum"}:
+        parts.append("Latency: minimum over many short repeats (least disturbed by other processes) per job, "
+                     "median over jobs; the median-based total is shown beside it.")
+    elif bases:
+        parts.append("Latency basis: " + ", ".join(sorted(bases)) + " (older stores hold only the median).")
+    mem = {e.get("memory_basis") for e in entries if e.get("memory_basis")}
+    if mem == {"increment"}:
+        parts.append("Memory: the method's peak above the process baseline before it ran (max over jobs).")
+    elif mem:
+        parts.append("Memory: " + ", ".join(sorted(mem)) + " (process peak where the increment is not stored).")
+    return " ".join(parts)
 
 
 def ranking_markdown(entries: list[dict], dataset: str) -> str:
     lines = [
-        f"**Ranking on {md_escape(dataset)}**: metrics in %, mean ± std over Rd seeds of the mean over categories; "
-        "latency in ms per image (median over jobs), peak resident memory in MB (max over jobs).",
+        f"**Ranking on {md_escape(dataset)}**. {ranking_note(entries)}",
         "",
         "| " + " | ".join(RANKING_HEAD) + " |",
         "|" + "|".join(["---:", "---", "---", "---"] + ["---:"] * (len(RANKING_HEAD) - 4)) + "|",
@@ -374,15 +548,14 @@ def ranking_markdown(entries: list[dict], dataset: str) -> str:
 def ranking_latex(entries: list[dict], dataset: str) -> str:
     out = [
         r"% needs \usepackage{booktabs} and \usepackage{graphicx}", r"\begin{table}[htbp]", r"\centering",
-        r"\caption{" + latex_escape(f"Ranking on {dataset}") + r": ROC-AUC and AUPRO in \%, mean $\pm$ std over Rd "
-        r"seeds; latency in ms per image; peak memory in MB.}",
+        r"\caption{" + latex_escape(f"Ranking on {dataset}. {ranking_note(entries)}") + "}",
         r"\label{tab:ranking-" + slug(dataset).replace("_", "-") + "}",
         r"\resizebox{\textwidth}{!}{%",
         r"\begin{tabular}{rlll" + "r" * (len(RANKING_HEAD) - 4) + "}", r"\toprule",
         " & ".join(latex_escape(h) for h in RANKING_HEAD) + r" \\", r"\midrule",
     ]
     for e in entries:
-        out.append(" & ".join(latex_escape(c).replace("±", r"$\pm$") for c in ranking_cells(e)) + r" \\")
+        out.append(" & ".join(latex_escape(c) for c in ranking_cells(e)) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
     return "\n".join(out) + "\n"
 

@@ -1,15 +1,18 @@
-"""The study: spec (YAML + presets), job runner, executors (in-process, Ray), timing helpers and the results store."""
+"""The study: spec (YAML + presets) -> plan (jobs, checked before any work) -> run (executors, results store) ->
+estimate. Modules: ``spec``, ``plan``, ``job`` (one job), ``run`` (claims, progress), ``executors`` (in-process,
+Ray), ``estimate`` (dry run), ``timing``, ``store``, ``cli``. Names below are imported on first use."""
 
-from adspine.study.spec import SpecError, StudySpec, load_spec
-from adspine.study.store import ResultStore
+import importlib
 
-__all__ = ["ResultStore", "SpecError", "StudySpec", "load_spec", "plan_jobs", "run_study"]
+_EXPORTS = {
+    "Job": "plan", "Plan": "plan", "PlanError": "plan", "plan": "plan",
+    "SpecError": "spec", "StudySpec": "spec", "load_spec": "spec",
+    "ResultStore": "store", "StoreError": "store",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # runner pulls in torch; import it only when asked for
-    if name in ("plan_jobs", "run_study"):
-        from adspine.study import runner
-
-        return getattr(runner, name)
-    raise AttributeError(name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"adspine.study.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'adspine.study' has no attribute {name!r}")

@@ -1,21 +1,50 @@
-"""CLI commands: ``study`` (run or dry-run a spec), ``results export`` and ``demo`` (the README's main command)."""
+"""CLI commands: ``study`` (run, dry-run or show a spec), ``results export`` and ``demo`` (the README's main command).
+
+Exit codes: 0 every job done; 1 a job or method failed, or killed jobs were skipped (rerun with --retry-killed);
+2 bad input found before any work (spec, plan, store or output path), one line per problem; 130 interrupted
+(finished jobs are committed; rerun to continue).
+"""
 
 from __future__ import annotations
 
-import csv
 import time
 from enum import Enum
 from pathlib import Path
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typer.core import TyperGroup
 
-console = Console()
-err_console = Console(stderr=True)
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
+
+def _consoles():
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+def fail(lines: str | list[str], code: int = EXIT_BAD_INPUT) -> None:
+    """Print each problem as one ``error:`` line on stderr and exit with ``code``."""
+    from rich.markup import escape
+
+    _, err = _consoles()
+    for line in [lines] if isinstance(lines, str) else lines:
+        for part in str(line).splitlines() or [""]:
+            err.print(f"[red]error:[/red] {escape(part)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class _RunByDefault(TyperGroup):
+    """``adspine study SPEC ...`` means ``adspine study run SPEC ...``; ``show`` is a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+study_app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
+                        help="Run (SPEC), dry-run or show a study spec. SPEC: a YAML file or a preset name.")
 results_app = typer.Typer(help="The results store: export its rows.", no_args_is_help=True)
 
 
@@ -29,35 +58,36 @@ class ExportFormat(str, Enum):
     parquet = "parquet"
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _load(spec: str, data_root: Path | None):
-    from adspine.study.spec import SpecError, load_spec
+def load_plan(spec: str, data_root: Path | None):
+    """The checked plan of a spec, or every problem on its own line and exit 2."""
+    from adspine.study.plan import PlanError, plan
+    from adspine.study.spec import SpecError
 
     try:
-        return load_spec(spec, data_root=data_root)
-    except SpecError as e:
-        _fail(str(e))
+        return plan(spec, data_root=data_root)
+    except (SpecError, PlanError) as e:
+        fail(str(e).splitlines())
 
 
-def print_dry_run(spec, jobs) -> float:
+def print_dry_run(p) -> float:
     """Print the job list with per-job time estimates; return the total estimated seconds."""
-    from adspine.study.runner import estimate_jobs, human_seconds
+    from rich import box
+    from rich.table import Table
 
-    est = estimate_jobs(spec, jobs)
+    from adspine.study.estimate import human_seconds
+
+    console, _ = _consoles()
+    spec, jobs = p.spec, p.jobs
+    est = p.estimate()
     layers = {j.layers if isinstance(j.layers, str) else ",".join(j.layers) for j in jobs}
-    table = Table(title=f"study '{spec.name}': {len(jobs)} job(s); {spec.protocol} protocol at {spec.image_size} px; "
+    h, w = spec.size_hw
+    table = Table(title=f"study '{spec.name}': {len(jobs)} job(s); {spec.protocol} protocol at {h}x{w} px; "
                         f"layers {', '.join(sorted(layers))}", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("job id", no_wrap=True)
-    table.add_column("category", overflow="fold")
-    table.add_column("backbone", overflow="fold", min_width=12)
-    table.add_column("init", overflow="fold")
-    table.add_column("train/test", justify="right", no_wrap=True)
-    table.add_column("GFLOPs", justify="right", no_wrap=True)
-    table.add_column("est.", justify="right", no_wrap=True)
+    for col, kw in (("job id", {"no_wrap": True}), ("category", {"overflow": "fold"}),
+                    ("backbone", {"overflow": "fold", "min_width": 12}), ("init", {"overflow": "fold"}),
+                    ("train/test", {"justify": "right", "no_wrap": True}),
+                    ("GFLOPs", {"justify": "right", "no_wrap": True}), ("est.", {"justify": "right", "no_wrap": True})):
+        table.add_column(col, **kw)
     total = 0.0
     for e in est:
         j = e["job"]
@@ -65,100 +95,130 @@ def print_dry_run(spec, jobs) -> float:
         imgs = f"{e['n_train']}/{e['n_test']}" + ("" if e["data_found"] else "?")
         table.add_row(j.job_id, f"{j.dataset}/{j.category}", j.backbone, j.init, imgs,
                       "?" if e["flops"] is None else f"{e['flops'] / 1e9:.2f}", human_seconds(e["seconds"]))
+    from rich.console import Console
+
     wide = console if console.is_terminal else Console(width=max(console.width, 130), file=console.file)
     wide.print(table)
     if any(not e["data_found"] for e in est):
-        console.print("?: dataset folder not found; image counts assumed (MVTec AD means: 242 train, 115 test).",
+        console.print("?: dataset not readable yet; image counts assumed (MVTec AD means: 242 train, 115 test).",
                       soft_wrap=True)
-    n_res = sum(len(spec.rd_seeds) if m.name == "padim" else 1 for m in spec.methods)
     console.print(
-        f"{len(jobs)} jobs x about {n_res} result(s) each; estimated total [bold]{human_seconds(total)}[/bold] "
-        f"on this machine with {spec.threads or 'default'} thread(s).\n"
-        "Estimate = (truncated-backbone FLOPs x images + a FLOP model per method) / this CPU's measured 3x3-conv "
-        "FLOP/s; an order of magnitude, not a promise.",
+        f"{len(jobs)} job(s); estimated total [bold]{human_seconds(total)}[/bold] on this machine with "
+        f"{spec.threads or 'default'} thread(s). Estimate = (truncated-backbone FLOPs x images + each method's FLOP "
+        "model) / this CPU's measured 3x3-conv FLOP/s, calibrated on the demo; a guide, not a promise.",
         soft_wrap=True,
     )
     return total
 
 
-def study(
-    spec: str = typer.Argument(..., help="Spec YAML file or preset name (thesis, demo)."),
+@study_app.command("run")
+def study_run(
+    spec: str = typer.Argument(..., help="Spec YAML file or preset name (see `adspine study show`)."),
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results store (created if missing)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and an estimated time; run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, list the jobs with an estimate; run "
+                                                          "nothing."),
     executor: ExecutorName = typer.Option(ExecutorName.inprocess, "--executor", help="inprocess or ray."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (with --executor ray)."),
     data_root: Path = typer.Option(None, "--data-root", help="Replace the dataset root of the spec."),
+    retry_killed: bool = typer.Option(False, "--retry-killed", help="Rerun jobs whose earlier process died "
+                                                                    "mid-job (e.g. out of memory)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Run a study (resumable: finished jobs in --db are skipped; failed jobs are retried)."""
-    from adspine.study.runner import plan_jobs, run_study
-    from adspine.study.store import ResultStore
-
-    s = _load(spec, data_root)
-    try:
-        jobs = plan_jobs(s)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    """Run a study: every problem is reported before any work; finished jobs in --db are skipped, failed jobs are
+    retried, each method's result is committed as it ends. Exit 1 when a job or method failed."""
+    if address and executor != ExecutorName.ray:
+        fail("--address only applies to --executor ray")
+    p = load_plan(spec, data_root)
     if dry_run:
-        done = ResultStore(db).done_job_ids() if db.exists() else set()
+        from adspine.study.store import ResultStore, StoreError
+
+        console, _ = _consoles()
+        try:
+            done = ResultStore(db, readonly=True).done_job_ids() if db.is_file() else set()
+        except StoreError as e:
+            fail(str(e))
         if done:
-            console.print(f"{sum(j.job_id in done for j in jobs)} of these are already done in {db}.")
-        todo = [j for j in jobs if j.job_id not in done]
-        if todo:
-            print_dry_run(s, todo)
+            console.print(f"{sum(j.job_id in done for j in p.jobs)} of these are already done in {db}.")
+        p.jobs = [j for j in p.jobs if j.job_id not in done]
+        if p.jobs:
+            print_dry_run(p)
         else:
             console.print("nothing to run.")
         return
-    if address and executor != ExecutorName.ray:
-        _fail("--address only applies to --executor ray")
-    _run(s, db, executor.value, address, progress)
+    summary = run_plan(p, db, executor.value, address, progress, retry_killed)
+    if not summary.ok:
+        raise typer.Exit(EXIT_FAILED)
 
 
-def _run(spec, db: Path, executor: str, address: str | None, progress: bool):
-    from adspine.study.runner import run_study
+@study_app.command("show")
+def study_show(spec: str = typer.Argument(None, help="Preset name or spec file; none: list the presets.")) -> None:
+    """Print a preset's (or spec file's) YAML, e.g. to start your own spec from it."""
+    from adspine.study.spec import SpecError, preset_names, resolve_spec_path
 
+    if spec is None:
+        typer.echo("presets: " + ", ".join(preset_names()) + "  (adspine study show NAME > my.yaml)")
+        return
+    try:
+        _, text = resolve_spec_path(spec)
+    except SpecError as e:
+        fail(str(e))
+    typer.echo(text.rstrip("\n"))
+
+
+def run_plan(p, db: Path, executor: str, address: str | None, progress: bool, retry_killed: bool = False):
+    from adspine.study.store import ResultStore, StoreError
+
+    console, err = _consoles()
     t0 = time.perf_counter()
     try:
-        summary = run_study(spec, db, executor=executor, address=address, show_progress=progress, console=console)
+        summary = p.run(db, executor=executor, address=address, show_progress=progress, console=console,
+                        retry_killed=retry_killed)
+    except ValueError as e:  # StoreError, a missing optional library: one line, nothing lost
+        fail(str(e))
     except KeyboardInterrupt:
-        from adspine.study.store import ResultStore
-
-        n = len(ResultStore(db).done_job_ids())
-        err_console.print(
-            f"[yellow]interrupted[/yellow]: {n} finished job(s) are committed in {db}; "
-            "run the same command again to resume.",
-            soft_wrap=True,
-        )
-        raise typer.Exit(130)
-    console.print(
-        f"study '{spec.name}': {summary.done} done, {summary.failed} failed, {summary.skipped} already done "
-        f"(of {summary.planned}) in {time.perf_counter() - t0:.0f} s -> {db}",
-        soft_wrap=True,
-    )
+        try:
+            n = len(ResultStore(db, readonly=True).done_job_ids())
+        except StoreError:
+            n = 0
+        err.print(f"[yellow]interrupted[/yellow]: {n} finished job(s) are committed in {db}; run the same "
+                  "command again to resume.", soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    console.print(f"{summary.line(p.spec.name)} in {time.perf_counter() - t0:.0f} s -> {db}", soft_wrap=True,
+                  highlight=False)
     return summary
 
 
 def export_rows(db: Path, fmt: str, out: Path) -> int:
     """Write the store's flat result rows (finished jobs) to CSV or Parquet; return the row count."""
+    import csv
+
+    from adspine.outputs import write_atomically
     from adspine.study.store import JOB_COLUMNS, RESULT_COLUMNS, ResultStore
 
-    with ResultStore(db) as store:
+    with ResultStore(db, readonly=True) as store:
         rows = store.rows()
-    cols = list(dict.fromkeys([*JOB_COLUMNS, *RESULT_COLUMNS]))
+    blobs = {c for c, t in RESULT_COLUMNS.items() if t == "BLOB"}
+    cols = [c for c in dict.fromkeys([*JOB_COLUMNS, *RESULT_COLUMNS]) if c not in blobs]
     rows = [{c: r.get(c) for c in cols} for r in rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        with out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        kinds = {"INTEGER": pa.int64(), "REAL": pa.float64()}
-        schema = pa.schema([(c, kinds.get({**JOB_COLUMNS, **RESULT_COLUMNS}[c].split()[0], pa.string())) for c in cols])
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    def write(tmp: Path) -> None:
+        if fmt == "csv":
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError("parquet export needs pyarrow: pip install 'adspine[parquet]'") from None
+            kinds = {"INTEGER": pa.int64(), "REAL": pa.float64()}
+            types = {**JOB_COLUMNS, **RESULT_COLUMNS}
+            schema = pa.schema([(c, kinds.get(types[c].split()[0], pa.string())) for c in cols])
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+
+    write_atomically(out, write)
     return len(rows)
 
 
@@ -166,13 +226,17 @@ def export_rows(db: Path, fmt: str, out: Path) -> int:
 def results_export(
     db: Path = typer.Option(..., "--db", help="SQLite results store."),
     fmt: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or parquet."),
-    out: Path = typer.Option(..., "--out", help="Output file."),
+    out: Path = typer.Option(..., "--out", help="Output file (written whole or not at all)."),
 ) -> None:
     """Export one row per (job, method, Rd seed) with every figure and its provenance."""
-    if not db.is_file():
-        _fail(f"{db}: no such results store")
-    n = export_rows(db, fmt.value, out)
-    console.print(f"wrote {n} row(s) to {out}", soft_wrap=True)
+    from adspine.outputs import OutputError
+    from adspine.study.store import StoreError
+
+    try:
+        n = export_rows(db, fmt.value, out)
+    except (StoreError, OutputError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {n} row(s) to {out}")
 
 
 DEMO_SYNTH = {"seed": 0}  # the generator's small defaults (128 px, 24 train images per category), demo categories only
@@ -183,38 +247,45 @@ def demo(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """The main job, offline: synthetic data -> demo study (pretrained vs random backbones) -> report."""
-    from adspine.data import synth
+    from rich.markup import escape
 
+    from adspine.data import synth
+    from adspine.study.spec import SpecError, load_spec
+
+    console, _ = _consoles()
     t0 = time.perf_counter()
     data = out / "data"
-    spec = _load("demo", data)
+    try:
+        spec = load_spec("demo", data)
+    except SpecError as e:
+        fail(str(e).splitlines())
     cats = spec.datasets[0].categories
     if not (data / "adspine_dataset.json").is_file():
         console.print(f"generating the synthetic dataset in {data} ...")
         try:
             synth.generate(data, **DEMO_SYNTH, categories=None if cats == "all" else list(cats))
         except ValueError as e:  # DatasetError: e.g. a half-written folder from an interrupted run
-            _fail(f"{e} (delete {data} and run the demo again)")
+            fail(f"{e} (delete {data} and run the demo again)")
+    p = load_plan(spec, None)
     db = out / "results.sqlite"
-    _run(spec, db, "inprocess", None, progress)
-    try:
-        from adspine.report import build_report
-    except ImportError:
-        console.print("report step skipped: adspine.report.build_report is not available yet.")
-        return
+    summary = run_plan(p, db, "inprocess", None, progress)
+    from adspine.report import build_report
+
     try:
         report = build_report(db, out / "report")
-    except ValueError as e:  # ReportError: one line naming the problem
-        _fail(f"report: {e}", 1)
+    except ValueError as e:  # ReportError / OutputError: one line naming the problem
+        fail(f"report: {e}")
     where = escape(str(Path(report).resolve()))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s. Report: [bold]{where}[/bold]", soft_wrap=True)
+    if not summary.ok:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``study``, ``results`` (export) and ``demo`` to the main app."""
-    app.command("study")(study)
+    app.add_typer(study_app, name="study")
     app.add_typer(results_app, name="results")
     app.command("demo")(demo)
 
 
-__all__ = ["register", "export_rows", "print_dry_run"]
+__all__ = ["register", "export_rows", "print_dry_run", "fail"]

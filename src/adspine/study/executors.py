@@ -1,26 +1,25 @@
 """Executors: run study jobs in this process (default, no Ray needed) or as Ray tasks on a local or existing cluster.
 
-Either way only the driver writes the store: an executor calls ``on_done(outcome)`` for every finished job, where
-``outcome`` is what ``runner.execute_job`` returns (failures included).
+Either way only the driver writes the store: it claims a job before handing it out (so two drivers on one store
+split the work) and records what comes back through ``claims`` (see ``run.Claims``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from adspine.study.runner import Job, execute_job
+from adspine.study.job import execute_job
+from adspine.study.plan import Job
 from adspine.study.spec import StudySpec
-
-OnDone = Callable[[dict[str, Any]], None]
 
 
 class InProcessExecutor:
-    """Jobs one after another in this process, with a per-image progress bar."""
+    """Jobs one after another in this process, with a per-image progress bar; each method's result is committed
+    as it ends."""
 
     name = "inprocess"
 
-    def run(self, spec: StudySpec, jobs: list[Job], on_done: OnDone, progress=None) -> None:
+    def run(self, spec: StudySpec, jobs: list[Job], claims, progress=None) -> None:
         jobs_task = progress.add("jobs", len(jobs)) if progress else None
         img_task = progress.add("images", None) if progress else None
         for job in jobs:
@@ -32,7 +31,13 @@ class InProcessExecutor:
                 if progress:
                     progress.update(img_task, completed=done, total=total)
 
-            on_done(execute_job(spec, job, cb))
+            if claims.claim(job):
+                try:
+                    out = execute_job(spec, job, cb, on_result=lambda r, e, job=job: claims.result(job, r, e))
+                except KeyboardInterrupt:
+                    claims.release(job)
+                    raise
+                claims.finish(job, out["job"])
             if progress:
                 progress.update(jobs_task, advance=1)
 
@@ -48,17 +53,20 @@ def _ray_job(spec_dict: dict[str, Any], job: Job, threads: int) -> dict[str, Any
 
 
 class RayExecutor:
-    """Each job is a Ray task (``num_gpus=1`` on CUDA, else ``num_cpus`` = spec threads); results flow back to the
-    driver, which writes the store. Connects to ``address`` (e.g. ``ray://head:10001`` or ``auto``) or, with none,
-    uses an already initialised Ray or starts a local one. Workers need adspine installed in the same version."""
+    """Each job is a Ray task (``num_gpus=1`` on CUDA, else ``num_cpus`` = spec threads); the driver claims jobs as
+    it submits them (at most ``max_in_flight`` at once: the cluster's CPUs / threads) and writes what comes back.
+    Connects to ``address`` (e.g. ``ray://head:10001`` or ``auto``) or, with none, uses an already initialised Ray
+    or starts a local one. Workers need adspine installed in the same version."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, **init_kwargs: Any):
-        self.address, self.init_kwargs = address, init_kwargs
+    def __init__(self, address: str | None = None, max_in_flight: int | None = None, **init_kwargs: Any):
+        self.address, self.max_in_flight, self.init_kwargs = address, max_in_flight, init_kwargs
 
-    def run(self, spec: StudySpec, jobs: list[Job], on_done: OnDone, progress=None) -> None:
-        import ray
+    def run(self, spec: StudySpec, jobs: list[Job], claims, progress=None) -> None:
+        from adspine.study.job import base_row, format_error
+
+        ray = require_ray()
 
         started = False
         if not ray.is_initialized():
@@ -71,31 +79,49 @@ class RayExecutor:
                 opts["num_gpus"] = 1
             remote = ray.remote(_ray_job).options(**opts)
             spec_dict = spec.model_dump(mode="json")
-            refs = {remote.remote(spec_dict, job, threads): job for job in jobs}
+            limit = self.max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+            queue, refs = list(jobs), {}
             task = progress.add("jobs (ray)", len(jobs)) if progress else None
             try:
-                while refs:
+                while queue or refs:
+                    while queue and len(refs) < limit:
+                        job = queue.pop(0)
+                        if claims.claim(job):
+                            refs[remote.remote(spec_dict, job, threads)] = job
+                        elif progress:
+                            progress.update(task, advance=1)
+                    if not refs:
+                        continue
                     ready, _ = ray.wait(list(refs), num_returns=1)
                     for ref in ready:
                         job = refs.pop(ref)
                         try:
                             out = ray.get(ref)
                         except Exception as e:  # worker crash, Ray OOM kill, ...: recorded as a failed job
-                            from adspine.study.runner import base_row, format_error
-
                             row = base_row(spec, job)
                             row.update(status="failed", error=f"ray: {format_error(e)}")
-                            out = {"job": row, "results": [], "examples": []}
-                        on_done(out)
+                            out = {"job": row, "results": []}
+                        for result, examples in out["results"]:
+                            claims.result(job, result, examples)
+                        claims.finish(job, out["job"])
                         if progress:
                             progress.update(task, advance=1)
             except KeyboardInterrupt:
-                for ref in refs:
+                for ref, job in refs.items():
                     ray.cancel(ref, force=True)
+                    claims.release(job)
                 raise
         finally:
             if started:
                 ray.shutdown()
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--executor ray needs Ray: pip install 'adspine[ray]'") from None
+    return ray
 
 
 def make_executor(executor: str | Any, address: str | None = None):
@@ -107,5 +133,6 @@ def make_executor(executor: str | Any, address: str | None = None):
             raise ValueError("--address only applies to --executor ray")
         return InProcessExecutor()
     if executor == "ray":
+        require_ray()
         return RayExecutor(address)
     raise ValueError(f"unknown executor '{executor}'; valid: inprocess, ray")

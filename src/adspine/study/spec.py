@@ -1,30 +1,25 @@
 """Study specification: a YAML file (or a shipped preset) validated with pydantic v2.
 
-Every error is one line ``FILE: field.path: message``. Relative dataset roots are resolved against the current
+Every error is one line ``FILE: field.path: message``; all errors of a spec are reported at once, one per line.
+Relative dataset roots are resolved against the current
 working directory (``--data-root`` replaces the root of the spec's dataset).
 
 Seeds: ``init_seed`` seeds random initializations; ``rd_seeds`` are the Rd channel-selection seeds given to every
 method that takes an ``rd_seed`` setting (one result per seed, so reports can show mean and std); methods that draw no
 Rd (no ``rd_seed`` setting, or ``d`` is None / >= dim a) run once and are stored with ``rd_seed`` NULL; ``seed`` is
 passed to methods that take a ``seed`` or ``coreset_seed`` setting (CFLOW's init, PatchCore's coreset start) unless
-their settings name one. A method ``d`` left out (or ``default``) is the registry's default d of each backbone; a
+their settings name one (the seed setting each method declares in its ``MethodInfo``). A method ``d`` left out (or ``default``) is the registry's default d of each backbone; a
 method ``device`` left out is the spec's device. Every seed used is written into each result's provenance.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-RANDOM_SCHEMES = ("random", "kaiming_normal", "xavier_uniform", "orthogonal")
-_INIT_RE = re.compile(r"^(imagenet(:[\w.\-]+)?|random|kaiming_normal|xavier_uniform|orthogonal|file:.+)$")
-
 
 class SpecError(ValueError):
     """An invalid study specification; the message is one line naming the file and the field."""
@@ -38,6 +33,9 @@ class DatasetSpec(_Strict):
     root: str
     name: str | None = None  # default: folder name of the root
     categories: Literal["all"] | list[str] = "all"
+    format: Literal["auto", "mvtec", "visa", "folder", "manifest"] = "auto"
+    masks: Literal["required", "optional"] = "required"  # optional: some defect types may lack pixel masks
+    mask_pattern: str | None = None  # mvtec-like layouts: mask file name, e.g. '{stem}_mask.png', '{stem}.bmp'
 
     @property
     def label(self) -> str:
@@ -45,10 +43,9 @@ class DatasetSpec(_Strict):
 
 
 def _check_init(v: str) -> str:
-    if not _INIT_RE.match(v):
-        raise ValueError(
-            f"unknown init '{v}'; valid: imagenet, imagenet:TAG, {', '.join(RANDOM_SCHEMES)}, file:PATH"
-        )
+    from adspine.backbones.init_names import parse_init
+
+    parse_init(v)  # InitError (a ValueError) lists the valid forms
     return v
 
 
@@ -89,23 +86,64 @@ class MethodSpec(_Strict):
             raise ValueError(f"unknown method '{self.name}'; valid: {', '.join(sorted(METHODS))}")
         if "rd_seed" in self.settings:
             raise ValueError("set Rd seeds with the top-level 'rd_seeds' list, not in method settings")
+        if "rd_scheme" in self.settings:
+            raise ValueError("set the Rd scheme with the top-level 'rd' field, not in method settings")
         try:
             klass = get_method_class(self.name)
         except ImportError as e:
             raise ValueError(f"method '{self.name}' is not available here ({e})") from None
-        params = method_params(klass)
-        if params is not None:
-            unknown = sorted(set(self.settings) - params)
-            if unknown:
-                valid = ", ".join(sorted(params))
-                raise ValueError(f"unknown setting(s) {', '.join(unknown)} for method '{self.name}'; valid: {valid}")
+        check_settings(klass, self.settings)
         return self
 
 
+def check_settings(klass, settings: dict[str, Any]) -> None:
+    """Setting names and value types against the method constructor's signature and annotations; then build it
+    once, so a bad value stops the spec (``d: default`` stands for the registry's d of each backbone)."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    params = set(klass.param_names())
+    unknown = sorted(set(settings) - params)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} for method '{klass.name}'; valid: "
+                         f"{', '.join(sorted(params))}")
+    hints = typing.get_type_hints(klass.__init__)
+    given = {k: v for k, v in settings.items() if not (k == "d" and v == "default")}
+    for k, v in given.items():
+        if k in hints:
+            try:
+                TypeAdapter(hints[k]).validate_python(v, strict=False)
+            except ValidationError as e:
+                raise ValueError(f"settings.{k}: {v!r} is not a valid {_type_name(hints[k])} "
+                                 f"({e.errors()[0]['msg']})") from None
+    try:
+        klass(**given)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"settings: {e}") from None
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 class TimingSpec(_Strict):
+    """Latency: after ``warmup`` rounds, batch 1 and batch N are timed interleaved until ``repeats`` rounds are done
+    or ``budget_s`` has passed (at least 3 rounds); the store keeps minimum and median."""
+
     warmup: int = Field(2, ge=0)
-    repeats: int = Field(5, ge=1)
+    repeats: int = Field(20, ge=1)
+    budget_s: float = Field(2.0, gt=0)
     batch_n: int = Field(8, ge=1)  # the "batch N" of the batched latency
+
+
+class UncertaintySpec(_Strict):
+    """Intervals stored with each result: image AUROC by DeLong, pixel AUROC and AUPRO by a seeded bootstrap over
+    test images (``n_boot`` resamples; 0 = no pixel intervals)."""
+
+    level: float = Field(0.95, gt=0, lt=1)
+    n_boot: int = Field(200, ge=0)
+    seed: int = 0
 
 
 class ExamplesSpec(_Strict):
@@ -122,15 +160,30 @@ class StudySpec(_Strict):
     init_seed: int = 1024
     methods: list[MethodSpec] = Field(min_length=1)
     rd_seeds: list[int] = Field(default_factory=lambda: [1024], min_length=1)
+    rd: Literal["reference", "torch"] = "reference"  # Rd draw: Python random.sample (PaDiM reference code) or torch
     seed: int = 1024
-    protocol: Literal["paper", "resize"] = "paper"
-    image_size: int = Field(224, ge=32)
+    protocol: Literal["paper", "resize", "aspect-crop"] = "paper"
+    image_size: int | tuple[int, int] = 224  # side, or [height, width]
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per job (None = torch default)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(0, ge=0)  # DataLoader workers
     timing: TimingSpec = Field(default_factory=TimingSpec)
     examples: ExamplesSpec = Field(default_factory=ExamplesSpec)
+    uncertainty: UncertaintySpec = Field(default_factory=UncertaintySpec)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v):
+        sides = (v, v) if isinstance(v, int) else tuple(v)
+        if any(int(x) < 32 for x in sides):
+            raise ValueError(f"image sides must be >= 32 px, got {list(sides) if not isinstance(v, int) else v}")
+        return v
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        """The image size as (height, width)."""
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
 
     @field_validator("backbones", mode="before")
     @classmethod
@@ -153,14 +206,6 @@ class StudySpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate Rd seeds in {v}")
         return v
-
-
-def method_params(klass) -> set[str] | None:
-    """Constructor keyword names of a method class (None when it takes **kwargs)."""
-    sig = inspect.signature(klass.__init__)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return {n for n in sig.parameters if n != "self"}
 
 
 def expand_backbone(entry: str) -> list[str]:
@@ -238,12 +283,12 @@ def load_spec(spec: str | Path, data_root: str | Path | None = None) -> StudySpe
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (not allowed here)"
-        elif err["type"] == "literal_error" and "input" in err:
-            msg = f"{msg} (got {err['input']!r})"
-        fields = {_loc(x["loc"]) for x in e.errors()}  # union branches report one field twice
-        more = f" (and {len(fields) - 1} more error(s))" if len(fields) > 1 else ""
-        raise SpecError(f"{label}: {_loc(err['loc'])}: {msg}{more}") from None
+        lines: dict[str, str] = {}
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (not allowed here)"
+            elif err["type"] == "literal_error" and "input" in err:
+                msg = f"{msg} (got {err['input']!r})"
+            lines.setdefault(_loc(err["loc"]), msg)  # union branches report one field twice: keep the first
+        raise SpecError("\n".join(f"{label}: {field}: {msg}" for field, msg in lines.items())) from None

@@ -1,19 +1,35 @@
-"""SQLite results store: one row per job (backbone figures, status) and one per (job, method, Rd seed).
+"""SQLite results store: one row per job (backbone figures, status, lease) and one per (job, method, Rd seed).
 
-Every job is written in one transaction when it ends, so an interrupted study loses nothing that had finished, and a
-rerun skips jobs whose status is ``done``. ``rows()`` returns the flat view the reports and exports read.
+Life of a job: a runner *claims* it (status ``started``, attempt count, a lease naming its process) before any work,
+so two runners on one store split the work and a process killed mid-job (e.g. out of memory) is found on the next
+run: its job becomes ``killed`` and is skipped unless asked to retry. Each method's result is committed as it ends
+(``failed`` with its error when it raised), then the job row is finished as ``done`` or ``failed``. An interrupted
+study loses nothing that had finished. ``rows()`` returns the flat view the reports and exports read.
+
+The schema carries a version (``meta`` table); opening an older store adds the missing columns in place.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import io
 import json
+import os
+import socket
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+SCHEMA_VERSION = 2
+DEFAULT_LEASE_TTL_S = 6 * 3600  # a lease of another host counts as expired after this long without a heartbeat
+
+
+class StoreError(ValueError):
+    """The results store cannot be opened or written; one line naming the path and what to do."""
+
 
 JOB_COLUMNS: dict[str, str] = {
     "job_id": "TEXT PRIMARY KEY",  # stable hash of the job key (dataset, category, backbone, init, layers, protocol...)
@@ -37,14 +53,27 @@ JOB_COLUMNS: dict[str, str] = {
     "threads": "INTEGER",
     "n_train": "INTEGER",
     "n_test": "INTEGER",
+    "image_height": "INTEGER",
+    "image_width": "INTEGER",
+    "dataset_format": "TEXT",  # mvtec, visa, folder, manifest
+    "pixel_level": "INTEGER",  # 1 when every defective test image has a mask (pixel metrics exist)
     "backbone_ms_b1": "REAL",  # median forward ms per image at batch 1
     "backbone_ms_bn": "REAL",  # median forward ms per image at batch N
+    "backbone_ms_b1_min": "REAL",  # minimum over the repeats (least disturbed by other processes; ranked by this)
+    "backbone_ms_bn_min": "REAL",
+    "timing_repeats": "INTEGER",
+    "load_avg": "REAL",  # 1-minute load average of the machine while timing
     "batch_n": "INTEGER",
     "peak_cuda_mb": "REAL",
     "params": "INTEGER",  # of the truncated backbone
     "flops": "REAL",  # of the truncated backbone, per image at image_size
-    "status": "TEXT",  # 'done' or 'failed'
+    "status": "TEXT",  # 'started', 'done', 'failed', 'killed' (the process died mid-job), 'interrupted'
     "error": "TEXT",
+    "attempts": "INTEGER",
+    "lease_host": "TEXT",  # runner that holds the job while it is 'started'
+    "lease_pid": "INTEGER",
+    "lease_proc_start": "REAL",  # that process's start time (guards against a reused pid)
+    "lease_at": "TEXT",  # last heartbeat (claim or method end), UTC
     "host_cpu": "TEXT",
     "host_gpu": "TEXT",
     "versions": "TEXT",  # JSON
@@ -56,18 +85,33 @@ RESULT_COLUMNS: dict[str, str] = {
     "job_id": "TEXT",
     "method": "TEXT",
     "rd_seed": "INTEGER",  # NULL where the method draws no Rd indices
+    "status": "TEXT",  # 'done' or 'failed' (then ``error`` says why and the metrics are NULL)
+    "error": "TEXT",
     "d": "INTEGER",  # embedding channels the method used after Rd (NULL = all)
+    "rd_scheme": "TEXT",  # 'reference' (Python random.sample, as the PaDiM reference code) or 'torch'
     "settings": "TEXT",  # JSON of the method's constructor settings
     "image_auroc": "REAL",
-    "pixel_auroc": "REAL",
+    "image_auroc_lo": "REAL",  # 95 % interval (DeLong)
+    "image_auroc_hi": "REAL",
+    "pixel_auroc": "REAL",  # NULL where the category has no pixel masks
+    "pixel_auroc_lo": "REAL",  # 95 % interval (bootstrap over test images)
+    "pixel_auroc_hi": "REAL",
     "aupro": "REAL",
+    "aupro_lo": "REAL",
+    "aupro_hi": "REAL",
     "image_f1_max": "REAL",  # optimistic: threshold chosen on the test set
     "pixel_f1_max": "REAL",  # optimistic: threshold chosen on the test set
     "fit_s": "REAL",
-    "predict_ms": "REAL",  # method part only, per image
-    "peak_rss_mb": "REAL",
+    "predict_ms": "REAL",  # method part only, per image, median over repeats
+    "predict_ms_min": "REAL",  # minimum over repeats
+    "peak_rss_mb": "REAL",  # process peak during the method's fit + predict
+    "method_peak_mb": "REAL",  # that peak minus the resident size just before the method
+    "memory_source": "TEXT",  # 'VmHWM' (kernel high-water mark) or 'sampler'
+    "test_labels": "BLOB",  # .npy int8 (T,), test image labels in the category's order
+    "test_scores": "BLOB",  # .npy float64 (T,), this result's image scores (for paired tests)
     "model_bytes": "INTEGER",
     "provenance": "TEXT",  # JSON: Rd indices seed, coreset seed, scoring options, ...
+    "finished_at": "TEXT",
 }
 
 EXAMPLE_COLUMNS: dict[str, str] = {
@@ -76,6 +120,7 @@ EXAMPLE_COLUMNS: dict[str, str] = {
     "rd_seed": "INTEGER",
     "idx": "INTEGER",
     "image_path": "TEXT",
+    "mask_path": "TEXT",  # ground-truth mask file (NULL: good image or no mask)
     "label": "INTEGER",
     "defect": "TEXT",
     "score": "REAL",
@@ -84,33 +129,114 @@ EXAMPLE_COLUMNS: dict[str, str] = {
 }
 
 
+STUDY_COLUMNS: dict[str, str] = {"study": "TEXT PRIMARY KEY", "spec_yaml": "TEXT", "recorded_at": "TEXT"}
+_TABLES = {"jobs": (JOB_COLUMNS, ""), "results": (RESULT_COLUMNS, ", UNIQUE(job_id, method, rd_seed)"),
+           "examples": (EXAMPLE_COLUMNS, ""), "studies": (STUDY_COLUMNS, "")}
+_BLOBS = ("amap", "mask", "test_labels", "test_scores")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
 
 
-def _from_npy(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
+def _from_npy(b: bytes | None) -> np.ndarray | None:
+    return None if b is None else np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # noqa: BLE001 - no such process (or no permission): treated as gone
+        return None
+
+
+def lease_alive(job: dict[str, Any], ttl_s: float = DEFAULT_LEASE_TTL_S) -> bool:
+    """Whether the runner holding a ``started`` job still exists (same host: its process with the same start
+    time; another host: a heartbeat younger than ``ttl_s``)."""
+    if job.get("lease_host") == socket.gethostname() and job.get("lease_pid"):
+        start = _process_start(int(job["lease_pid"]))
+        return start is not None and abs(start - float(job.get("lease_proc_start") or 0.0)) < 1.0
+    try:
+        age = (_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(job["lease_at"])).total_seconds()
+    except (TypeError, ValueError):
+        return False
+    return age < ttl_s
 
 
 class ResultStore:
-    """Thin wrapper over one SQLite file; safe to reopen, creates its tables on first use."""
+    """Thin wrapper over one SQLite file; creates or upgrades its tables on first use (``readonly``: never writes)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(str(self.path), timeout=60)
-        self._con.row_factory = sqlite3.Row
+        self.readonly = readonly
+        what = "read" if readonly else "open"
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a results store; pass a file path (e.g. results.sqlite)")
+        if readonly and not self.path.is_file():
+            raise StoreError(f"{self.path}: no such results store")
+        if not readonly:
+            parent = self.path.parent
+            if parent.exists() and not parent.is_dir():
+                raise StoreError(f"{self.path}: {parent} is a file, not a folder; choose another --db path")
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot create its folder ({e.strerror}); choose another --db path") \
+                    from None
+        try:
+            if readonly:
+                self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+            else:
+                self._con = sqlite3.connect(str(self.path), timeout=60)
+            self._con.row_factory = sqlite3.Row
+            self._con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            if not readonly:
+                self._create_or_upgrade()
+            else:
+                self._columns = {t: self._table_columns(t) for t in _TABLES}
+        except sqlite3.DatabaseError as e:
+            raise StoreError(self._message(e, what)) from None
+
+    def _message(self, e: BaseException, what: str = "write") -> str:
+        msg = str(e)
+        if "not a database" in msg:
+            return f"{self.path}: not an SQLite results store; pass another --db path"
+        if "full" in msg or getattr(e, "errno", None) == 28:
+            return f"{self.path}: disk full while writing the results store; free space and run again " \
+                   f"(finished jobs are kept)"
+        if "readonly" in msg or "read-only" in msg or "unable to open" in msg:
+            return f"{self.path}: cannot {what} the results store ({msg}); check the folder's permissions or " \
+                   f"choose another --db path"
+        return f"{self.path}: cannot {what} the results store ({msg})"
+
+    def _table_columns(self, table: str) -> set[str]:
+        return {r[1] for r in self._con.execute(f"PRAGMA table_info({table})")}
+
+    def _create_or_upgrade(self) -> None:
         with self._con:
-            self._con.execute(f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(f'{k} {v}' for k, v in JOB_COLUMNS.items())})")
-            self._con.execute(
-                f"CREATE TABLE IF NOT EXISTS results ({', '.join(f'{k} {v}' for k, v in RESULT_COLUMNS.items())}, "
-                "UNIQUE(job_id, method, rd_seed))"
-            )
-            self._con.execute(
-                f"CREATE TABLE IF NOT EXISTS examples ({', '.join(f'{k} {v}' for k, v in EXAMPLE_COLUMNS.items())})"
-            )
+            self._con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = self._con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: results store schema {version} is newer than this adspine "
+                                 f"({SCHEMA_VERSION}); upgrade adspine")
+            for table, (cols, extra) in _TABLES.items():
+                self._con.execute(f"CREATE TABLE IF NOT EXISTS {table} "
+                                  f"({', '.join(f'{k} {v}' for k, v in cols.items())}{extra})")
+                have = self._table_columns(table)
+                for k, v in cols.items():  # upgrade path: older stores gain the new columns (NULL)
+                    if k not in have:
+                        self._con.execute(f"ALTER TABLE {table} ADD COLUMN {k} {v.replace('PRIMARY KEY', '')}")
+            self._con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._columns = {t: self._table_columns(t) for t in _TABLES}
 
     def close(self) -> None:
         self._con.close()
@@ -122,12 +248,107 @@ class ResultStore:
         self.close()
 
     # -- writing -------------------------------------------------------------------------------------------------
+    def _write(self, fn, *args):
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only")
+        try:
+            with self._con:
+                return fn(*args)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(self._message(e)) from None
+        except OSError as e:
+            raise StoreError(self._message(e)) from None
+
+    def record_spec(self, study: str, spec_yaml: str) -> None:
+        """Keep the spec that produced a study's rows (the report shows it)."""
+        self._write(lambda: self._insert("studies", {"study": study, "spec_yaml": spec_yaml, "recorded_at": now()},
+                                         replace=True))
+
+    def claim_job(self, row: dict[str, Any], retry_killed: bool = False,
+                  ttl_s: float = DEFAULT_LEASE_TTL_S) -> str | None:
+        """Take a job for this process before any work; returns None when claimed, else why not ('done',
+        'running' (another live runner holds it), 'killed' (an earlier attempt died; see ``retry_killed``))."""
+
+        def claim() -> str | None:
+            self._con.execute("BEGIN IMMEDIATE")  # one claimer at a time across processes
+            old = self._con.execute("SELECT * FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone()
+            old = dict(old) if old else None
+            if old:
+                if old["status"] == "done":
+                    return "done"
+                if old["status"] == "started":
+                    if lease_alive(old, ttl_s):
+                        return "running"
+                    self._con.execute("UPDATE jobs SET status = 'killed', error = ? WHERE job_id = ?",
+                                      (f"killed: the process running attempt {old.get('attempts') or 1} died "
+                                       f"mid-job (e.g. out of memory)", row["job_id"]))
+                    old["status"] = "killed"
+                if old["status"] == "killed" and not retry_killed:
+                    return "killed"
+            self._con.execute("DELETE FROM results WHERE job_id = ?", (row["job_id"],))
+            self._con.execute("DELETE FROM examples WHERE job_id = ?", (row["job_id"],))
+            claimed = {**_clean(row, JOB_COLUMNS), "status": "started", "error": None,
+                       "attempts": int((old or {}).get("attempts") or 0) + 1, "lease_host": socket.gethostname(),
+                       "lease_pid": os.getpid(), "lease_proc_start": _process_start(os.getpid()), "lease_at": now()}
+            self._insert("jobs", claimed, replace=True)
+            return None
+
+        return self._write(claim)
+
+    def mark_dead_leases(self, ttl_s: float = DEFAULT_LEASE_TTL_S) -> list[str]:
+        """Mark every ``started`` job whose runner is gone as ``killed``; returns their ids."""
+
+        def mark() -> list[str]:
+            dead = [dict(r) for r in self._con.execute("SELECT * FROM jobs WHERE status = 'started'")]
+            dead = [j for j in dead if not lease_alive(j, ttl_s)]
+            for j in dead:
+                self._con.execute("UPDATE jobs SET status = 'killed', error = ? WHERE job_id = ?",
+                                  (f"killed: the process running attempt {j.get('attempts') or 1} died mid-job "
+                                   f"(e.g. out of memory)", j["job_id"]))
+            return [j["job_id"] for j in dead]
+
+        return self._write(mark)
+
+    def release_job(self, job_id: str) -> None:
+        """Give a claimed job back after an interruption (Ctrl-C): the next run takes it up again."""
+        self._write(lambda: self._con.execute(
+            "UPDATE jobs SET status = 'interrupted', lease_host = NULL, lease_pid = NULL, lease_proc_start = NULL "
+            "WHERE job_id = ? AND status = 'started'", (job_id,)))
+
+    def record_result(self, job_id: str, result: dict[str, Any], examples: Iterable[dict[str, Any]] = ()) -> None:
+        """Commit one method's result (and its example maps) as soon as it ends; renews the job's lease."""
+
+        def put() -> None:
+            r = _clean({**result, "job_id": job_id}, RESULT_COLUMNS)
+            self._con.execute("DELETE FROM examples WHERE job_id = ? AND method = ? AND rd_seed IS ?",
+                              (job_id, r.get("method"), r.get("rd_seed")))
+            self._insert("results", r, replace=True)
+            for e in examples:
+                self._insert("examples", _clean(dict(e, job_id=job_id), EXAMPLE_COLUMNS))
+            self._con.execute("UPDATE jobs SET lease_at = ? WHERE job_id = ?", (now(), job_id))
+
+        self._write(put)
+
+    def finish_job(self, row: dict[str, Any]) -> None:
+        """Write the job's final row (status 'done' or 'failed') and release its lease."""
+
+        def put() -> None:
+            job = _clean({**row, "lease_host": None, "lease_pid": None, "lease_proc_start": None}, JOB_COLUMNS)
+            cols = [c for c in job if c != "job_id"]
+            cur = self._con.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in cols)} WHERE job_id = ?",
+                                    [job[c] for c in cols] + [job["job_id"]])
+            if cur.rowcount == 0:
+                self._insert("jobs", job)
+
+        self._write(put)
+
     def record_job(
         self, job: dict[str, Any], results: Iterable[dict[str, Any]] = (), examples: Iterable[dict[str, Any]] = ()
     ) -> None:
-        """Write (or replace) one job with its results and example maps in a single transaction."""
+        """Write (or replace) one whole job with its results and example maps in a single transaction."""
         job = _clean(job, JOB_COLUMNS)
-        with self._con:
+
+        def put() -> None:
             jid = job["job_id"]
             self._con.execute("DELETE FROM results WHERE job_id = ?", (jid,))
             self._con.execute("DELETE FROM examples WHERE job_id = ?", (jid,))
@@ -135,11 +356,9 @@ class ResultStore:
             for r in results:
                 self._insert("results", _clean({**r, "job_id": jid}, RESULT_COLUMNS))
             for e in examples:
-                e = dict(e, job_id=jid)
-                for k in ("amap", "mask"):
-                    if isinstance(e.get(k), np.ndarray):
-                        e[k] = _npy(e[k])
-                self._insert("examples", _clean(e, EXAMPLE_COLUMNS))
+                self._insert("examples", _clean(dict(e, job_id=jid), EXAMPLE_COLUMNS))
+
+        self._write(put)
 
     def _insert(self, table: str, row: dict[str, Any], replace: bool = False) -> None:
         cols = list(row)
@@ -163,19 +382,41 @@ class ResultStore:
         return [dict(r) for r in self._con.execute(q + " ORDER BY started_at", args)]
 
     def rows(self) -> list[dict[str, Any]]:
-        """Flat view: every result row joined with its job's columns (finished jobs only)."""
-        q = "SELECT j.*, r.* FROM results r JOIN jobs j ON j.job_id = r.job_id WHERE j.status = 'done' ORDER BY j.rowid, r.rowid"
-        return [dict(r) for r in self._con.execute(q)]
+        """Flat view: every successful result row joined with its job's columns (finished jobs only)."""
+        ok = "AND (r.status IS NULL OR r.status = 'done')" if "status" in self._columns["results"] else ""
+        q = (f"SELECT j.*, r.* FROM results r JOIN jobs j ON j.job_id = r.job_id WHERE j.status = 'done' {ok} "
+             "ORDER BY j.rowid, r.rowid")
+        return [_row(r) for r in self._con.execute(q)]
+
+    def failed_results(self) -> list[dict[str, Any]]:
+        """Methods that raised inside otherwise finished jobs, with their errors."""
+        if "status" not in self._columns["results"]:
+            return []
+        q = ("SELECT j.*, r.* FROM results r JOIN jobs j ON j.job_id = r.job_id WHERE r.status = 'failed' "
+             "ORDER BY j.rowid, r.rowid")
+        return [_row(r) for r in self._con.execute(q)]
+
+    def study_specs(self) -> dict[str, str]:
+        if "study" not in self._columns.get("studies", set()):
+            return {}
+        return {r["study"]: r["spec_yaml"] for r in self._con.execute("SELECT * FROM studies ORDER BY recorded_at")}
 
     def examples(self, job_id: str, method: str, rd_seed: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM examples WHERE job_id = ? AND method = ? AND rd_seed IS ? ORDER BY idx"
-        out = []
-        for r in self._con.execute(q, (job_id, method, rd_seed)):
-            d = dict(r)
-            d["amap"] = _from_npy(d["amap"]) if d["amap"] is not None else None
-            d["mask"] = _from_npy(d["mask"]) if d["mask"] is not None else None
-            out.append(d)
-        return out
+        return [_decode(dict(r)) for r in self._con.execute(q, (job_id, method, rd_seed))]
+
+
+def _row(r: sqlite3.Row) -> dict[str, Any]:
+    """A joined row as a dict where the later table's columns win (``SELECT j.*, r.*``: the result's status,
+    error and finish time, not the job's)."""
+    return _decode(dict(zip(r.keys(), tuple(r))))
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    for k in _BLOBS:
+        if isinstance(row.get(k), bytes):
+            row[k] = _from_npy(row[k])
+    return row
 
 
 def _clean(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -184,7 +425,9 @@ def _clean(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
         raise KeyError(f"unknown result store column(s): {', '.join(sorted(unknown))}")
     out = {}
     for k, v in row.items():
-        if isinstance(v, (dict, list, tuple)):
+        if isinstance(v, np.ndarray):
+            v = _npy(v)
+        elif isinstance(v, (dict, list, tuple)):
             v = json.dumps(v)
         elif isinstance(v, np.generic):
             v = v.item()

@@ -1,14 +1,16 @@
-"""Timing and resource helpers: forward latency (warm-up, median of repeats, CUDA-synchronized), FLOPs, memory.
+"""Timing and resource helpers: latency that survives a busy machine, FLOPs, memory from the kernel.
 
 Conventions recorded with every result:
-- latency = median over ``repeats`` timed calls after ``warmup`` untimed ones, divided by the batch size (ms/image);
-  on CUDA each call is bracketed by ``torch.cuda.synchronize()``.
+- latency: after ``warmup`` untimed calls, many short timed repeats (at least ``min_repeats``, more while the
+  ``budget_s`` lasts, at most ``max_repeats``); the store keeps the **minimum** (the figure least disturbed by other
+  processes, used for ranking) and the median, per image. Batch 1 and batch N are timed interleaved (one of each per
+  round), so a burst of load hits both alike. On CUDA each call is bracketed by ``torch.cuda.synchronize()``.
 - FLOPs = ``torch.utils.flop_counter.FlopCounterMode`` total for one image (a multiply-add counts as 2 FLOPs; only
   convolutions and matrix products are counted, as is usual).
-- peak RSS of a method = the largest resident set size sampled (psutil, every 5 ms, in a background thread) while
-  that method fits and predicts (``PeakRSS``). It includes what the job already holds (backbone, cached features),
-  which is the same for every method of a job. The process high-water mark (``ru_maxrss``), which can only grow over
-  a study, is recorded in the provenance as well.
+- memory of a method = the kernel's exact high-water mark: on Linux ``/proc/self/clear_refs`` is reset (write ``5``)
+  before the method and ``VmHWM`` read from ``/proc/self/status`` after it (``KernelPeak``); the increment above the
+  resident size just before the method is stored too. Where that is unavailable a 5 ms sampling thread is the fallback
+  and the record says so (``source``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,26 +50,72 @@ class Stopwatch:
         self.total += time.perf_counter() - self._t0
 
 
-def median_ms(fn: Callable[[], object], warmup: int, repeats: int, device: str | torch.device = "cpu") -> float:
-    """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls."""
+@dataclass
+class Latency:
+    """Per-call wall times of one timed function, in ms (``per`` = items per call, e.g. the batch size)."""
+
+    times_ms: list[float]
+    per: int = 1
+
+    @property
+    def min(self) -> float:
+        return min(self.times_ms) / self.per
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.times_ms)) / self.per
+
+    @property
+    def repeats(self) -> int:
+        return len(self.times_ms)
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], warmup: int = 2, min_repeats: int = 20,
+                     budget_s: float = 2.0, max_repeats: int = 200, device: str | torch.device = "cpu",
+                     per: Sequence[int] | None = None) -> list[Latency]:
+    """Time several functions round-robin (one call of each per round) after ``warmup`` rounds.
+
+    Stops after ``min_repeats`` rounds once ``budget_s`` has passed (so a slow function still gets ``min_repeats``),
+    or at ``max_repeats``. Returns one ``Latency`` per function."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while True:
+        for fn, out in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append((time.perf_counter() - t0) * 1e3)
+        n = len(times[0])
+        if n >= max_repeats or (n >= min_repeats and time.perf_counter() - start >= budget_s):
+            break
+    per = list(per) if per is not None else [1] * len(fns)
+    return [Latency(t, p) for t, p in zip(times, per)]
+
+
+def median_ms(fn: Callable[[], object], warmup: int, repeats: int, device: str | torch.device = "cpu") -> float:
+    """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls (exactly ``repeats`` calls)."""
+    return time_interleaved([fn], warmup, repeats, 0.0, repeats, device)[0].median
 
 
 @torch.inference_mode()
-def forward_ms_per_image(
-    model: Callable, images: torch.Tensor, warmup: int = 2, repeats: int = 5, device: str | torch.device = "cpu"
-) -> float:
-    """Median forward latency per image of ``model(images)`` (``images`` already on ``device``)."""
-    return median_ms(lambda: model(images), warmup, repeats, device) / images.shape[0]
+def forward_latency(model: Callable, batches: Sequence[torch.Tensor], warmup: int = 2, min_repeats: int = 20,
+                    budget_s: float = 2.0, device: str | torch.device = "cpu", max_repeats: int = 200) -> list[Latency]:
+    """Forward latency per image of ``model`` on each batch (already on ``device``), timed interleaved."""
+    fns = [(lambda x=x: model(x)) for x in batches]
+    return time_interleaved(fns, warmup, min_repeats, budget_s, max_repeats, device,
+                            per=[int(x.shape[0]) for x in batches])
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
 
 
 @torch.inference_mode()
@@ -86,8 +135,57 @@ def peak_rss_mb() -> float:
     return ru / (1024 * 1024) if sys.platform == "darwin" else ru / 1024  # bytes on macOS, KiB on Linux
 
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_high_water_mark() -> bool:
+    """Reset the kernel's peak RSS of this process (Linux >= 4.0); False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    hwm, rss = _status_mb("VmHWM"), _status_mb("VmRSS")
+    return hwm is not None and rss is not None
+
+
+class KernelPeak:
+    """Peak resident memory of a block, from the kernel: ``with KernelPeak() as m: ...`` then ``m.peak_mb`` (process
+    peak during the block), ``m.baseline_mb`` (RSS at entry) and ``m.increment_mb`` (peak - baseline).
+
+    Linux: the high-water mark is reset at entry and ``VmHWM`` read at exit (exact, no sampling). Elsewhere a 5 ms
+    sampling thread stands in; ``source`` says which ('VmHWM' or 'sampler')."""
+
+    def __enter__(self) -> "KernelPeak":
+        self.baseline_mb = rss_mb()
+        self.source = "VmHWM" if reset_high_water_mark() else "sampler"
+        self._sampler = None
+        if self.source == "sampler":
+            self._sampler = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is not None:
+            self._sampler.__exit__(*exc)
+            self.peak_mb = self._sampler.peak_mb
+        else:
+            self.peak_mb = _status_mb("VmHWM") or rss_mb()
+        self.increment_mb = max(0.0, self.peak_mb - self.baseline_mb)
+
+
 class PeakRSS:
-    """Context manager sampling this process's RSS in a background thread; ``peak_mb`` is the largest sample."""
+    """Fallback where the kernel's high-water mark cannot be reset: samples this process's RSS every ``interval_s``
+    in a background thread; ``peak_mb`` is the largest sample (it can miss short allocations on a busy machine)."""
 
     def __init__(self, interval_s: float = 0.005):
         import threading
