@@ -10,7 +10,7 @@ from adspine.data.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["magnetic-tile"], ["summary"], ["masks-from-labelme"]])
+@pytest.mark.parametrize("command", [[], ["synth"], ["magnetic-tile"], ["summary"], ["masks-from-labelme"], ["convert"]])
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -75,3 +75,17 @@ def test_summary_reports_large_images_as_one_warning_line(tmp_path, monkeypatch)
     named = [line.split(": ")[1] for line in lines]
     assert len(named) == len(set(named)) == 10  # 6 images + 4 masks, each named once
     assert "DecompressionBombWarning" not in result.output
+
+
+def test_convert_then_summary(tmp_path):
+    src = tmp_path / "syn"
+    runner.invoke(app, ["synth", "--out", str(src), "--size", "64", "--n-train", "1", "--n-test-good", "1",
+                        "--n-per-defect", "1", "--category", "nut"])
+    result = runner.invoke(app, ["convert", str(src), "--category", "nut", "--out", str(tmp_path / "m"),
+                                 "--format", "manifest"])
+    assert result.exit_code == 0, result.output
+    assert "nut.csv" in result.stdout
+    result = runner.invoke(app, ["summary", str(tmp_path / "m" / "nut.csv")])
+    assert result.exit_code == 0 and "(manifest" in result.stdout and " yes " in result.stdout, result.output
+    _one_line_error(["convert", str(src), "--category", "nut", "--out", str(tmp_path / "x"), "--format", "coco"],
+                    "format='coco'")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from adspine.data import DatasetError, scan_category
-from adspine.data.magnetic_tile import REPO_ROOT, convert
+from adspine.data.magnetic_tile import convert
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic-tile"
 RNG = np.random.default_rng(5)
@@ -90,7 +90,7 @@ def test_bad_inputs_name_the_path(fake, tmp_path):
         convert(tmp_path / "absent", tmp_path / "o3")
     with pytest.raises(DatasetError, match="^n_train=10"):
         convert(fake, tmp_path / "o4", n_train=10)
-    inside = REPO_ROOT / "data-out-never-created"
+    inside = Path(__file__).resolve().parents[1] / "data-out-never-created"  # this checkout is a git repository
     with pytest.raises(DatasetError, match="^" + str(inside)):
         convert(fake, inside)
     assert not inside.exists()

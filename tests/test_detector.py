@@ -216,6 +216,9 @@ def test_export_refuses_unsupported_method(data):
     det = _fit(data, "patchcore", reweight=True)
     with pytest.raises(DetectorError, match="reweight"):
         DetectorGraph(det)
+    spade = Detector("resnet18", "random", "thesis", "spade", image_size=SIZE)  # refused before any fitted state
+    with pytest.raises(DetectorError, match="spade cannot be exported"):
+        DetectorGraph(spade)
 
 
 # -- backbones, inputs, fit_command -----------------------------------------------------------------------------------

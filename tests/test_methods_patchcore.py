@@ -1,5 +1,6 @@
 """PatchCore: coreset against a naive greedy loop, feature aggregation against a manual computation, scores against
-brute force (incl. Eq. 7 re-weighting), layer fallback, persistence, separation."""
+brute force (squared and Euclidean, incl. Eq. 7 re-weighting), rectangular grids, layer fallback, persistence,
+separation."""
 
 import math
 import sys
@@ -12,7 +13,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import methods_fixtures as mf  # noqa: E402
 
-from adspine.methods.patchcore import PatchCore, _gather_rows, aggregate, greedy_coreset  # noqa: E402
+from adspine.methods.patchcore import (  # noqa: E402
+    PatchCore,
+    PatchCoreSettingError,
+    _gather_rows,
+    aggregate,
+    greedy_coreset,
+)
 from adspine.methods.postprocess import patch_scores_to_map  # noqa: E402
 
 SIZE = (32, 32)
@@ -112,31 +119,54 @@ def test_bank_is_the_coreset_of_the_aggregated_features():
     model, train, _ = _fitted(coreset_ratio=0.25, coreset_seed=4)
     emb = aggregate([train[1], train[2]], 32).reshape(-1, 32)
     n = emb.shape[0]
-    assert model.n_patches == n and model.bank.shape == (int(n * 0.25), 32)
+    assert model.n_patches_ == n and model.bank_.shape == (int(n * 0.25), 32)
     proj = torch.randn(32, 8, generator=torch.Generator().manual_seed(4)) / math.sqrt(8)
     starts = torch.randperm(n, generator=torch.Generator().manual_seed(5))[:10].tolist()
     picked = naive_greedy((emb @ proj).numpy(), int(n * 0.25), starts)
-    torch.testing.assert_close(model.bank, emb[picked], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.bank_, emb[picked], rtol=1e-6, atol=1e-6)
 
 
-def test_patch_and_image_scores_match_bruteforce():
-    model, _, test = _fitted()
+@pytest.mark.parametrize("distance", ["squared", "euclidean"])
+def test_patch_and_image_scores_match_bruteforce(distance):
+    model, _, test = _fitted(distance=distance)
     pred = model.predict(test, SIZE)
     emb = aggregate([test[1], test[2]], 32).numpy().astype(np.float64)
-    bank = model.bank.numpy().astype(np.float64)
-    full = np.sqrt(((emb[..., None, :] - bank) ** 2).sum(-1))  # (B, h, w, M)
-    patch = full.min(-1)
+    bank = model.bank_.numpy().astype(np.float64)
+    full = ((emb[..., None, :] - bank) ** 2).sum(-1)  # (B, h, w, M) squared distances
+    patch = full.min(-1) if distance == "squared" else np.sqrt(full.min(-1))
     np.testing.assert_allclose(pred.scores, patch.reshape(3, -1).max(1), rtol=1e-5)
     want_maps = patch_scores_to_map(torch.tensor(patch, dtype=torch.float32), SIZE, 4.0).numpy()
     np.testing.assert_allclose(pred.maps, want_maps, rtol=1e-5, atol=1e-5)
-    assert pred.maps.dtype == np.float32 and model.extra_state()["image_score"] == "max patch score"
+    assert pred.maps.dtype == np.float32
+
+
+def test_rectangular_grid_lights_up_the_defect_where_it_is():
+    """Non-square maps (h != w): a patch of layer-2 features altered at a known place scores highest there."""
+    grids = ((12, 20), (6, 10), (3, 5))
+    train = mf.random_maps(6, grids=grids, seed=0)
+    model = PatchCore(target_dim=32, proj_dim=8, coreset_ratio=0.5).fit([train])
+    test = mf.random_maps(1, grids=grids, seed=0)  # a training image: distances 0 except where altered
+    test[1][0, :, 4, 7] += 25.0  # layer-2 cell (4, 7) of the 6 x 10 grid = input rows 32-47, columns 56-63 of 48 x 80
+    pred = model.predict(test, (48, 80))
+    assert pred.maps.shape == (1, 48, 80)
+    y, x = np.unravel_index(int(np.argmax(pred.maps[0])), (48, 80))
+    assert 28 <= y <= 52 and 52 <= x <= 68, (y, x)
+    emb = aggregate([test[1], test[2]], 32).numpy().astype(np.float64)[0]  # (12, 20, 32)
+    bank = model.bank_.numpy().astype(np.float64)
+    patch = ((emb[..., None, :] - bank) ** 2).sum(-1).min(-1)
+    np.testing.assert_allclose(pred.scores[0], patch.max(), rtol=1e-5)
+
+
+def test_invalid_distance_is_one_clear_error():
+    with pytest.raises(PatchCoreSettingError, match="distance.*'cosine'"):
+        PatchCore(distance="cosine")
 
 
 def test_reweighting_follows_eq7():
-    model, _, test = _fitted(reweight=True, num_neighbors=4)
+    model, _, test = _fitted(reweight=True, num_neighbors=4, distance="euclidean")
     pred = model.predict(test, SIZE)
     emb = aggregate([test[1], test[2]], 32).reshape(3, -1, 32).numpy().astype(np.float64)
-    bank = model.bank.numpy().astype(np.float64)
+    bank = model.bank_.numpy().astype(np.float64)
     for b in range(3):
         d = np.sqrt(((emb[b][:, None, :] - bank) ** 2).sum(-1))  # (hw, M)
         worst = int(np.argmax(d.min(1)))
@@ -147,22 +177,21 @@ def test_reweighting_follows_eq7():
         e = np.exp(d[worst, support] - d[worst, support].max())
         want = (1 - e[0] / e.sum()) * s_star
         np.testing.assert_allclose(pred.scores[b], want, rtol=1e-5)
-    assert model.extra_state()["image_score"] == "reweighted (Eq. 7)"
 
 
 def test_fewer_layers_uses_what_exists_and_records_it(tmp_path):
     train = mf.random_maps(4, channels=(5, 7), grids=((6, 6), (3, 3)))
     model = PatchCore(target_dim=16, layers=(1, 2)).fit([train])
-    assert model.layers_used == [1]
-    assert "used [1]" in model.extra_state()["notes"][0]
+    assert model.layers_used_ == [1]
+    assert "used [1]" in model.extra_state()["notes_"][0]
     mf.check_roundtrip(model, mf.random_maps(2, channels=(5, 7), grids=((6, 6), (3, 3)), seed=2), SIZE, tmp_path)
 
 
 def test_save_load_roundtrip_and_corruption(tmp_path):
     model, _, test = _fitted(reweight=True)
     mf.check_roundtrip(model, test, SIZE, tmp_path / "ok")
-    mf.check_corruption(model, tmp_path / "bank", "bank")
-    with pytest.raises(ValueError, match="channels"):
+    mf.check_corruption(model, tmp_path / "bank", "bank_")
+    with pytest.raises(ValueError, match="expected"):
         model.predict([test[0], test[1][:, :4], test[2]], SIZE)
 
 

@@ -408,7 +408,7 @@ def test_bad_inputs(tmp_path):
     app = typer.Typer()
     register(app)
     res = CliRunner().invoke(app, ["--db", str(tmp_path / "nope.sqlite")])
-    assert res.exit_code == 1 and "nope.sqlite: results store not found" in res.output
+    assert res.exit_code == 2 and "nope.sqlite: results store not found" in res.output  # bad input: exit 2
     assert len(res.output.strip().splitlines()) == 1
 
 

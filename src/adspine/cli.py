@@ -36,7 +36,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     130 interrupted."""
 
 
-app.add_typer(data_app, name="data", help="Datasets: synthetic generator, layouts, masks from LabelMe, summaries.")
+app.add_typer(data_app, name="data", help="Datasets: synthetic generator, layouts (mvtec, visa, folder, manifest), LabelMe masks, summaries.")
 app.add_typer(backbones_app, name="backbones", help="The backbone registry: list variants, show layer shapes.")
 register_study(app)  # adds: study, results, demo
 register_report(app)  # adds: report

@@ -9,15 +9,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from adspine.clitools import fail
+
 app = typer.Typer(no_args_is_help=True, help="The backbone registry: list variants, show layer shapes.")
 console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    err_console.print(f"[red]error: {escape(str(msg))}[/red]")
-    return typer.Exit(2)
 
 
 def _offline_here(spec) -> str:
@@ -40,7 +37,7 @@ def list_cmd(family: Annotated[str | None, typer.Option(help="Only this family (
     try:
         specs = list_specs(family)
     except KeyError as exc:
-        raise _fail(exc) from None
+        fail(exc)
     table = Table(title=f"{len(specs)} backbones")
     for col in ("name", "family", "source", "thesis layers", "dim a", "d", "weights (top-1 %)", "offline here"):
         table.add_column(col, no_wrap=col not in ("thesis layers", "weights (top-1 %)"), overflow="fold")
@@ -67,7 +64,7 @@ def show(
         outputs = probe(spec, size)
         names = resolve_layers(spec, layers, outputs)
     except (KeyError, LayerError) as exc:
-        raise _fail(exc) from None
+        fail(exc)
     table = Table(title=f"{spec.name} ({spec.family}, {spec.source}) at {size} x {size}, layers={layers}")
     for col in ("layer", "channels", "height x width", "stride"):
         table.add_column(col)

@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from adspine.clitools import fail
 from adspine.data.errors import DatasetError
 
 app = typer.Typer(
-    no_args_is_help=True, help="Datasets: synthetic generator, magnetic tile adapter, summaries, LabelMe masks."
+    no_args_is_help=True, help="Datasets: synthetic generator, layouts, magnetic tile adapter, summaries, LabelMe masks."
 )
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -28,20 +29,19 @@ F = TypeVar("F", bound=Callable)
 
 
 def one_line_errors(func: F) -> F:
-    """Turn a DatasetError into one red line on stderr and exit status 2 (no traceback)."""
+    """Turn a DatasetError into one red line on stderr and exit status 2 (no traceback); print each warning
+    (e.g. a LargeImageWarning naming a file) as one yellow line, once."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from adspine.data.images import LargeImageWarning
 
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
             warnings.simplefilter("always", LargeImageWarning)
             try:
                 return func(*args, **kwargs)
             except DatasetError as exc:
-                err_console.print(f"[red]error: {escape(str(exc))}[/red]")
-                raise typer.Exit(2) from None
+                fail(str(exc))
             finally:
                 for message in dict.fromkeys(str(w.message) for w in caught):  # one line each, no repeats
                     err_console.print(f"[yellow]warning: {escape(message)}[/yellow]")
@@ -151,3 +151,19 @@ def masks_from_labelme(
                   f"(empty masks), {counts['image_level']} defective without shapes (image level)")
     console.print(f"shapes: {shapes}; defects: {defects}")
     console.print(f"wrote masks and {LABELS_FILE} to {escape(str(out))}")
+
+
+@app.command()
+@one_line_errors
+def convert(
+    src: Annotated[Path, typer.Argument(help="Dataset root (folder, or the CSV of a manifest).")],
+    category: Annotated[str, typer.Option(help="The category to write.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (other exported categories may be there).")],
+    format: Annotated[str, typer.Option("--format", help="mvtec, visa, folder or manifest.")],
+    src_format: Annotated[str, typer.Option(help="Layout of SRC (auto, mvtec, visa, folder, manifest).")] = "auto",
+) -> None:
+    """Write one category again in another layout (images copied byte for byte); prints the root to read."""
+    from adspine.data.convert import export_layout
+
+    root = export_layout(src, category, out, format, src_format)
+    console.print(f"wrote {escape(category)} as {format} to {escape(str(root))}")

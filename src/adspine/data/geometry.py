@@ -57,7 +57,7 @@ def resize_shape(protocol: str, size: int | tuple[int, int], image_hw: tuple[int
     if protocol == "resize":
         return out_h, out_w
     h, w = image_hw
-    scale = min(out_h / h, out_w / w)
+    scale = max(out_h / h, out_w / w)
     return max(out_h, round(h * scale)), max(out_w, round(w * scale))
 
 

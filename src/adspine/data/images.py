@@ -112,7 +112,9 @@ def image_size(path: Path | str) -> tuple[int, int]:
     try:
         with _open(path) as image:
             return image.size
-    except (OSError, SyntaxError, ValueError) as exc:
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 

@@ -27,7 +27,14 @@ CITATION = (
     "Data: github.com/abin24/Magnetic-tile-defect-datasets. (commit cc4eb53)."
 )
 SPLIT_FILE = "split.json"
-REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The git working tree that ``path`` (existing or not) would lie in, if any: data is never copied into one."""
+    for p in [path, *path.parents]:
+        if (p / ".git").exists():
+            return p
+    return None
 
 
 def _class_folders(src: Path) -> dict[str, Path]:
@@ -90,8 +97,10 @@ def convert(
     out_resolved = out.resolve()
     if _inside(out_resolved, src.resolve()):
         raise DatasetError(f"{out}: output must not be inside the source folder {src}")
-    if (REPO_ROOT / "pyproject.toml").is_file() and _inside(out_resolved, REPO_ROOT):
-        raise DatasetError(f"{out}: refusing to copy the magnetic tile data into the repository {REPO_ROOT}")
+    repo = git_work_tree(out_resolved)
+    if repo is not None:
+        raise DatasetError(f"{out}: refusing to copy the magnetic tile data into the git repository {repo}; "
+                           f"write it outside any repository")
     folders = _class_folders(src)
     rng = np.random.default_rng(seed)
     pairs = {}

@@ -16,13 +16,13 @@ def report(
     ),
 ) -> None:
     """Write tables (Markdown, LaTeX, CSV), plots, example overlays, a recommendation and a self-contained HTML."""
+    from adspine.clitools import fail
     from adspine.report.build import ReportError, build_report
 
     try:
         path = build_report(db, out, budget_ms=budget_ms)
     except ReportError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(e))
     typer.echo(str(path))
 
 

@@ -26,21 +26,23 @@ from typing import Any
 
 import numpy as np
 
-METHOD_NAMES = {"padim": "PaDiM", "spade": "SPADE", "patchcore": "PatchCore", "cflow": "CFLOW-AD"}
-RANDOM_INITS = ("random", "kaiming_normal", "xavier_uniform", "orthogonal")
 KIND_ORDER = {"texture": 0, "object": 1}
 MISSING = "–"  # shown for an absent value
 
 
 # -- small helpers -----------------------------------------------------------------------------------------------
 def method_name(m: str) -> str:
-    """Display name of a method (``padim`` -> ``PaDiM``)."""
-    return METHOD_NAMES.get(str(m).lower(), str(m))
+    """Display name of a method from its descriptor (``padim`` -> ``PaDiM``); unknown names as they are."""
+    from adspine.methods import METHODS, method_info
+
+    return method_info(str(m).lower()).display if str(m).lower() in METHODS else str(m)
 
 
 def is_pretrained(init: str | None) -> bool:
     """True for ImageNet (``imagenet``, ``imagenet:TAG``) and file-loaded weights; False for random schemes."""
-    return bool(init) and str(init).split(":")[0] not in RANDOM_INITS
+    from adspine.backbones.init_names import SEEDED_INITS
+
+    return bool(init) and str(init).split(":")[0] not in SEEDED_INITS
 
 
 def num(v: Any) -> float | None:

@@ -1,8 +1,8 @@
 """CLI commands: ``study`` (run, dry-run or show a spec), ``results export`` and ``demo`` (the README's main command).
 
-Exit codes: 0 every job done; 1 a job or method failed, or killed jobs were skipped (rerun with --retry-killed);
-2 bad input found before any work (spec, plan, store or output path), one line per problem; 130 interrupted
-(finished jobs are committed; rerun to continue).
+Exit codes (``adspine.clitools``): 0 every job done; 1 a job or method failed, or killed jobs were skipped (rerun
+with --retry-killed); 2 bad input found before any work (spec, plan, store or output path), one line per problem;
+130 interrupted (finished jobs are committed; rerun to continue).
 """
 
 from __future__ import annotations
@@ -14,24 +14,13 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+from adspine.clitools import EXIT_FAILED, EXIT_INTERRUPTED, fail
 
 
 def _consoles():
     from rich.console import Console
 
     return Console(), Console(stderr=True)
-
-
-def fail(lines: str | list[str], code: int = EXIT_BAD_INPUT) -> None:
-    """Print each problem as one ``error:`` line on stderr and exit with ``code``."""
-    from rich.markup import escape
-
-    _, err = _consoles()
-    for line in [lines] if isinstance(lines, str) else lines:
-        for part in str(line).splitlines() or [""]:
-            err.print(f"[red]error:[/red] {escape(part)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 class _RunByDefault(TyperGroup):
@@ -288,4 +277,4 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-__all__ = ["register", "export_rows", "print_dry_run", "fail"]
+__all__ = ["register", "export_rows", "print_dry_run"]

@@ -222,9 +222,10 @@ def _run_method(spec: StudySpec, job: Job, name: str, settings: dict[str, Any], 
             scores.append(np.asarray(pred.scores, dtype=np.float64))
     maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
     one = [t[:1].to(device) for t in test["feats"][0]]
-    lat = timing.time_interleaved([lambda: method.predict(one, size)], warmup=1,
-                                  min_repeats=min(spec.timing.repeats, 3), budget_s=spec.timing.budget_s,
-                                  max_repeats=spec.timing.repeats, device=device)[0]
+    with timing.torch_threads(spec.timing.threads):
+        lat = timing.time_interleaved([lambda: method.predict(one, size)], warmup=1,
+                                      min_repeats=min(spec.timing.repeats, 3), budget_s=spec.timing.budget_s,
+                                      max_repeats=spec.timing.repeats, device=device)[0]
     prov = {
         "backbone": info,
         "layers": [r.as_dict() for r in layers],
@@ -339,8 +340,11 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
     imgs = _timing_batch(data.test, spec, bn).to(device)
     row["flops"] = timing.count_flops(extractor, imgs[:1])
     row["load_avg"] = timing.load_average()
-    b1, bN = timing.forward_latency(extractor, [imgs[:1], imgs], spec.timing.warmup, min(spec.timing.repeats, 3),
-                                    spec.timing.budget_s, device, max_repeats=spec.timing.repeats)
+    with timing.torch_threads(spec.timing.threads):
+        b1, bN = timing.forward_latency(extractor, [imgs[:1], imgs], spec.timing.warmup,
+                                        min(spec.timing.repeats, 3), spec.timing.budget_s, device,
+                                        max_repeats=spec.timing.repeats)
+        row["timing_threads"] = torch.get_num_threads()
     row.update(backbone_ms_b1=b1.median, backbone_ms_b1_min=b1.min, backbone_ms_bn=bN.median,
                backbone_ms_bn_min=bN.min, timing_repeats=b1.repeats, batch_n=bn)
     if device == "cuda":

@@ -135,6 +135,9 @@ class TimingSpec(_Strict):
     repeats: int = Field(20, ge=1)
     budget_s: float = Field(2.0, gt=0)
     batch_n: int = Field(8, ge=1)  # the "batch N" of the batched latency
+    # torch threads while timing: 1 by default, the figure least disturbed by other processes (several threads wait
+    # for each other at every layer when the cores are shared) and comparable between machines; None = the job's
+    threads: int | None = Field(1, ge=1)
 
 
 class UncertaintySpec(_Strict):

@@ -62,6 +62,7 @@ JOB_COLUMNS: dict[str, str] = {
     "backbone_ms_b1_min": "REAL",  # minimum over the repeats (least disturbed by other processes; ranked by this)
     "backbone_ms_bn_min": "REAL",
     "timing_repeats": "INTEGER",
+    "timing_threads": "INTEGER",  # torch threads while timing latency (fit runs with ``threads``)
     "load_avg": "REAL",  # 1-minute load average of the machine while timing
     "batch_n": "INTEGER",
     "peak_cuda_mb": "REAL",

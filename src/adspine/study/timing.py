@@ -110,6 +110,22 @@ def forward_latency(model: Callable, batches: Sequence[torch.Tensor], warmup: in
                             per=[int(x.shape[0]) for x in batches])
 
 
+class torch_threads:
+    """``with torch_threads(n):`` runs the block with ``n`` torch intra-op threads (None: unchanged)."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self) -> "torch_threads":
+        self.old = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.old)
+
+
 def load_average() -> float | None:
     """The machine's 1-minute load average (None where the OS has none)."""
     try:
