@@ -75,8 +75,18 @@ def greedy_coreset(x: torch.Tensor, n: int, starts: torch.Tensor, block: int = C
     largest bound (one small GEMM of the block against all its pending centres, in cache), until the top block is up
     to date: its maximum is then the global one. Blocks far from the selection skip most updates. Candidates within a
     float32 rounding margin of the maximum are re-scored in float64 from their exact definition, so near-ties resolve
-    as the textbook float64 loop does. Buffers are preallocated; the loop allocates no (N, D) temporary.
+    as the textbook float64 loop does. Buffers are preallocated; the loop allocates no (N, D) temporary. It runs on
+    one torch thread: its many small ops cost more in OpenMP fork/join than they save when the cores are shared.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _greedy_coreset(x, n, starts, block)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_coreset(x: torch.Tensor, n: int, starts: torch.Tensor, block: int) -> torch.Tensor:
     x = x.detach().to(torch.float32)
     x = (x - x.mean(dim=0)).contiguous()
     num = x.shape[0]

@@ -40,9 +40,9 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     """Squared Euclidean distance (Q,) of each query row (Q, C) to its nearest row among ``gallery[images]``.
 
     ``gallery``: (N, P, C) float32; ``gallery_sq``: its squared row norms (N, P). float32 blocks of
-    ``|g|^2 - 2 q.g`` with a running row minimum, then ``+ |q|^2``, clamped at 0. That expansion's rounding error is
-    about ``2 sqrt(C) u (|q|^2 + max |g|^2)`` (u = float32 unit roundoff); queries whose minimum is small against it
-    (near-duplicate patches) are recomputed from explicit differences (``refine_nearest``)."""
+    ``|g|^2 - 2 q.g`` with a running row minimum, then ``+ |q|^2``, clamped at 0. That expansion's rounding error for
+    the winner is about ``u (|q|^2 + |g|^2)`` (u = float32 epsilon); queries whose minimum is small against it
+    (near-duplicate patches) are recomputed in float64 (``refine_nearest``)."""
     q = queries.contiguous()
     step = -(-q.shape[0] // max(1, threads))  # ceil: one slice of query rows per thread
     parts = [(a, min(a + step, q.shape[0])) for a in range(0, q.shape[0], step)]
@@ -74,8 +74,10 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
                 list(pool.map(run, parts))
         finally:
             torch.set_num_threads(old)
-    g_max = float(max(gallery_sq[j].max() for j in images))
-    bound = 2.0 * q.shape[1] ** 0.5 * torch.finfo(torch.float32).eps * (q.square().sum(dim=1) + g_max)
+    # the winner g lies within d of q, so |g| <= |q| + d: the expansion's rounding error for it is about
+    # u (|q|^2 + (|q| + d)^2); where that is not small against d^2, recompute in float64
+    q_sq = q.square().sum(dim=1)
+    bound = torch.finfo(torch.float32).eps * (q_sq + (q_sq.sqrt() + out.sqrt()) ** 2)
     flagged = torch.nonzero(out * (2.0 * TARGET_REL_ERROR) < bound).flatten()
     if flagged.numel():
         out[flagged] = refine_nearest(q[flagged], gallery, images)
@@ -84,15 +86,18 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
 
 def refine_nearest(queries: torch.Tensor, gallery: torch.Tensor, images: Sequence[int],
                    rows: int = 4096) -> torch.Tensor:
-    """Squared distance (F,) of each query to its nearest row among ``gallery[images]`` from explicit differences
-    (no cancellation), in chunks of gallery rows."""
-    best = torch.full((queries.shape[0],), float("inf"))
+    """Squared distance (F,) of each query to its nearest row among ``gallery[images]``, in float64 (the same
+    expansion on centred rows, 2^29 times less rounding), in chunks of gallery rows; returned as float32."""
+    q = queries.double()
+    q_sq = q.square().sum(dim=1)
+    best = torch.full((q.shape[0],), float("inf"), dtype=torch.float64)
     for j in images:
         g = gallery[j]
         for a in range(0, g.shape[0], rows):
-            d = torch.cdist(queries, g[a : a + rows], compute_mode="donot_use_mm_for_euclid_dist")
-            torch.minimum(best, d.amin(dim=1), out=best)
-    return best.square_()
+            gc = g[a : a + rows].double()
+            d2 = torch.addmm(gc.square().sum(dim=1), q, gc.T, alpha=-2.0)
+            torch.minimum(best, d2.amin(dim=1), out=best)
+    return best.add_(q_sq).clamp_(min=0.0).float()
 
 
 def spade_cost(shape: CostShape, settings: dict) -> float:

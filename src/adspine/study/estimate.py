@@ -63,7 +63,7 @@ def count_images(job: Job) -> tuple[int, int, bool]:
     """(n_train, n_test, found) from the dataset reader without decoding images; MVTec AD means when missing."""
     from adspine.study.plan import scan
 
-    if not Path(job.root).is_dir():
+    if not Path(job.root).exists():
         return (*MVTEC_MEAN_IMAGES, False)
     try:
         data = scan(job, verify=False)

@@ -285,7 +285,6 @@ def _run_method(spec: StudySpec, job: Job, name: str, settings: dict[str, Any], 
         }
         for k, i in enumerate(pick_examples(test["labels"], scores_np, spec.examples.count))
     ]
-    del method, maps, maps_np
     return result, examples
 
 

@@ -172,7 +172,7 @@ def check_jobs(spec: StudySpec, jobs: list[Job], verify_data: bool = True) -> li
         key = (job.root, job.category, job.format, job.masks, job.mask_pattern)
         if key not in seen_data:
             seen_data.add(key)
-            if not Path(job.root).is_dir():
+            if not Path(job.root).exists():  # a folder, or a manifest CSV
                 problems.append(f"{job.root}: dataset folder not found (set it in the spec or with --data-root)")
             else:
                 try:
