@@ -93,23 +93,41 @@ def check_roundtrip(method, features: list[torch.Tensor], size: tuple[int, int],
 
 
 def check_corruption(method, folder, name: str) -> None:
-    """A saved folder with tensor ``name`` missing, or with one of its values altered, fails to load."""
+    """A saved folder with tensor ``name`` missing or with one of its values altered, or whose ``model.json`` had a
+    setting edited, fails to load (the safetensors header, which holds model.json's checksum, is kept as it was)."""
+    import json
+
     import pytest
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from adspine.methods import AnomalyMethod, ModelFileError
-    from adspine.methods.base import TENSORS_FILE
+    from adspine.methods.base import META_FILE, TENSORS_FILE
 
-    method.save(folder)
-    path = folder / TENSORS_FILE
+    path = method.save(folder) / TENSORS_FILE
     tensors = load_file(str(path))
-    altered = dict(tensors)
-    t = altered[name].clone()
-    t.view(-1)[0] += 1
-    altered[name] = t
-    save_file(altered, str(path))
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    altered = {**tensors, name: tensors[name].clone()}
+    altered[name].view(-1)[0] += 1
+    save_file(altered, str(path), metadata=header)
     with pytest.raises(ModelFileError, match="altered"):
         AnomalyMethod.load(folder)
-    save_file({k: v for k, v in tensors.items() if k != name}, str(path))
+    save_file({k: v for k, v in tensors.items() if k != name}, str(path), metadata=header)
     with pytest.raises(ModelFileError, match="missing"):
+        AnomalyMethod.load(folder)
+    save_file(tensors, str(path), metadata=header)
+    meta_path = folder / META_FILE
+    meta = json.loads(meta_path.read_text())
+    key = sorted(meta["settings"])[0]
+    value = meta["settings"][key]
+    meta["settings"][key] = (value + 1) if isinstance(value, (int, float)) and not isinstance(value, bool) else "x"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"model.json: altered"):
+        AnomalyMethod.load(folder)
+    meta_path.write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        AnomalyMethod.load(folder)
+    meta_path.write_text(json.dumps({"method": 3}))
+    with pytest.raises(ModelFileError, match="model.json: field"):
         AnomalyMethod.load(folder)

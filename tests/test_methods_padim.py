@@ -26,29 +26,6 @@ def _threads():
     mf.set_threads()
 
 
-def check_corruption(method, folder, name: str) -> None:
-    """Like ``methods_fixtures.check_corruption`` but keeps the safetensors header (format 2 stores the checksum of
-    model.json there), so the missing tensor, not the header, is what fails."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from adspine.methods import AnomalyMethod, ModelFileError
-    from adspine.methods.base import TENSORS_FILE
-
-    path = method.save(folder) / TENSORS_FILE
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata()
-    altered = {**tensors, name: tensors[name].clone()}
-    altered[name].view(-1)[0] += 1
-    save_file(altered, str(path), metadata=header)
-    with pytest.raises(ModelFileError, match="altered"):
-        AnomalyMethod.load(folder)
-    save_file({k: v for k, v in tensors.items() if k != name}, str(path), metadata=header)
-    with pytest.raises(ModelFileError, match="missing"):
-        AnomalyMethod.load(folder)
-
-
 def numpy_embedding(maps: list[torch.Tensor], idx: np.ndarray) -> np.ndarray:
     """(B, P, d) embedding built with numpy: integer-factor nearest upsampling = np.repeat."""
     h, w = maps[0].shape[-2:]
@@ -231,7 +208,7 @@ def test_save_load_roundtrip_and_corruption(tmp_path):
     model = PaDiM(d=D, rd_seed=3).fit([train])
     mf.check_roundtrip(model, test, SIZE, tmp_path / "ok")
     for name in ("whiten_", "rd_idx_"):
-        check_corruption(model, tmp_path / name, name)
+        mf.check_corruption(model, tmp_path / name, name)
 
 
 def test_separates_synthetic_defects():

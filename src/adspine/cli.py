@@ -10,6 +10,7 @@ import typer
 
 from adspine.backbones.cli import app as backbones_app
 from adspine.data.cli import app as data_app
+from adspine.detector.cli import register as register_detector
 from adspine.report.cli import register as register_report
 from adspine.study.cli import register as register_study
 
@@ -40,12 +41,7 @@ app.add_typer(data_app, name="data", help="Datasets: synthetic generator, layout
 app.add_typer(backbones_app, name="backbones", help="The backbone registry: list variants, show layer shapes.")
 register_study(app)  # adds: study, results, demo
 register_report(app)  # adds: report
-try:  # the engineer's path: fit, predict, evaluate, export
-    from adspine.detector.cli import register as register_detector
-except ImportError:  # pragma: no cover - only while the detector package is absent
-    register_detector = None
-if register_detector is not None:
-    register_detector(app)
+register_detector(app)  # adds: fit, predict, evaluate, export (the engineer's path)
 
 if __name__ == "__main__":
     app()

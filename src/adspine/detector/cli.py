@@ -17,17 +17,14 @@ from rich.console import Console
 console = Console()
 err_console = Console(stderr=True)
 
-#: ``adspine predict`` exit codes
-EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNREADABLE = 0, 1, 3
-
-
 class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True, markup=True)
-    raise typer.Exit(code)
+def _fail(msg: str) -> None:
+    from adspine.clitools import fail
+
+    fail(msg)
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
@@ -115,12 +112,14 @@ def _load_any(model: Path):
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
+    """File stems, prefixed with the parent folder's name where stems repeat, numbered if that still repeats."""
+    counts: dict[str, int] = {}
     for p in paths:
-        stem = p.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    out: list[str] = []
+    for p in paths:
+        name = p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
+        out.append(name if name not in out else f"{name}_{len(out)}")
     return out
 
 
@@ -144,7 +143,7 @@ def predict(
                                        "mask PNGs (default: print the table only)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Score images; exit code 0 = none flagged, 1 = some flagged, 3 = none flagged but some unreadable."""
+    """Score images; exit code 0 = every image read and none flagged, 1 = some image flagged or unreadable."""
     from rich.progress import track
 
     from adspine.data.images import DatasetError
@@ -184,7 +183,9 @@ def predict(
         console.print(f"{verdict:10s} {score:>12s}  {path}", highlight=False, markup=False)
     console.print(f"{len(rows)} image(s): {flagged} anomalous, {len(rows) - flagged - unreadable} good, "
                   f"{unreadable} unreadable (threshold {det.threshold:.6g})", highlight=False)
-    raise typer.Exit(EXIT_FLAGGED if flagged else EXIT_UNREADABLE if unreadable else EXIT_CLEAN)
+    from adspine.clitools import EXIT_FAILED, EXIT_OK
+
+    raise typer.Exit(EXIT_FAILED if flagged or unreadable else EXIT_OK)
 
 
 def evaluate_detector(det, source: Path) -> dict[str, Any]:

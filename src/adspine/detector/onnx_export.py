@@ -28,12 +28,6 @@ TOLERANCE = 1e-4  # max |onnx - torch| over the torch map's max absolute value
 METADATA_KEY = "adspine"
 
 
-def _fitted(method, name: str):
-    """A fitted attribute by its contract name (``name_``) or its earlier name."""
-    value = getattr(method, name + "_", None)
-    return getattr(method, name) if value is None else value
-
-
 def pooling_matrix(n: int, target: int) -> torch.Tensor:
     """(n, target) matrix M with ``x @ M == adaptive_avg_pool1d(x, target)`` for vectors of length n."""
     return F.adaptive_avg_pool1d(torch.eye(n).unsqueeze(1), target).squeeze(1)
@@ -49,11 +43,11 @@ class PaDiMHead(nn.Module):
         super().__init__()
         # per layer, the drawn channels of that layer in drawn order, layers concatenated (PaDiM's select_and_fuse)
         channels = [r.channels for r in method.feature_layers_]
-        idx = _fitted(method, "rd_idx").long()
+        idx = method.rd_idx_.long()
         offsets = np.cumsum([0] + channels).tolist()
         self.local = [idx[(idx >= a) & (idx < b)] - a for a, b in zip(offsets[:-1], offsets[1:])]
-        self.register_buffer("mean", _fitted(method, "mean").float())  # (P, d)
-        self.register_buffer("whiten_t", _fitted(method, "whiten").float().transpose(1, 2).contiguous())  # (P, d, d)
+        self.register_buffer("mean", method.mean_.float())  # (P, d)
+        self.register_buffer("whiten_t", method.whiten_.float().transpose(1, 2).contiguous())  # (P, d, d)
         self.sigma = float(method.sigma)
 
     def forward(self, maps: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,18 +74,18 @@ class PatchCoreHead(nn.Module):
         if method.reweight:
             raise DetectorError("PatchCore with reweight=True cannot be exported (its neighbourhood re-weighting "
                                 "is data-dependent); refit with reweight=False")
-        self.used = [int(i) for i in _fitted(method, "layers_used")]
+        self.used = [int(i) for i in method.layers_used_]
         self.target = int(method.target_dim)
         recs = method.feature_layers_
         self.pools = [pooling_matrix(recs[i].channels * 9, self.target) for i in self.used]
         self.final = pooling_matrix(self.target * len(self.used), self.target)
-        bank = _fitted(method, "bank").float()
+        bank = method.bank_.float()
         centre = bank.mean(dim=0)
         self.register_buffer("bank", bank.contiguous())
         self.register_buffer("centre", centre)
         self.register_buffer("centred_t", (bank - centre).t().contiguous())
         self.register_buffer("centred_sq", (bank - centre).square().sum(1))
-        self.squared = getattr(method, "distance", "euclidean") == "squared"
+        self.squared = method.distance == "squared"
         self.sigma = float(method.sigma)
 
     def forward(self, maps: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,14 +22,17 @@ def normal_images(source: Path) -> list[Path]:
 
 
 def collect_images(specs: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns, in the order given, without repeats."""
+    """Files, folders (their images and those of their sub-folders, sorted) and glob patterns, in the order given,
+    without repeats."""
     out: list[Path] = []
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            found = list_images(p)
-        elif p.exists() or not glob.has_magic(spec):
-            found = [p]  # unreadable or missing files are reported per image by the caller
+            found = sorted(q for q in p.rglob("*") if is_image_file(q))
+        elif p.exists():
+            found = [p]  # an unreadable file is reported per image by the caller
+        elif not glob.has_magic(spec):
+            raise DatasetError(f"{spec}: no such file or folder")
         else:
             found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if is_image_file(Path(m)))
         if not found:

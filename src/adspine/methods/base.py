@@ -297,9 +297,6 @@ class AnomalyMethod:
                 header = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFileError(f"{tensor_path}: unreadable safetensors file ({e})") from None
-        if header.get("adspine_meta_sha256") != meta_digest(meta):
-            raise ModelFileError(f"{meta_path}: altered (settings, layers or fitted facts differ from the checksum "
-                                 f"stored in {TENSORS_FILE}); save the model again")
         expected = meta["tensors"]
         missing = sorted(set(expected) - set(tensors))
         if missing:
@@ -307,6 +304,9 @@ class AnomalyMethod:
         extra = sorted(set(tensors) - set(expected))
         if extra:
             raise ModelFileError(f"{tensor_path}: unexpected tensor(s) {', '.join(extra)}")
+        if header.get("adspine_meta_sha256") != meta_digest(meta):
+            raise ModelFileError(f"{meta_path}: altered (settings, layers or fitted facts differ from the checksum "
+                                 f"stored in {TENSORS_FILE}); save the model again")
         for k, info in expected.items():
             if list(tensors[k].shape) != info.get("shape") or _digest(tensors[k]) != info.get("sha256"):
                 raise ModelFileError(f"{tensor_path}: tensor '{k}' was altered (shape or checksum differs)")

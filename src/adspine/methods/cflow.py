@@ -152,8 +152,10 @@ class CFlow(AnomalyMethod):
     training features between epochs: ``float32`` | ``float16``).
     """
 
+    # efficiency: measured 0.16 / 0.40 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 at
+    # 224, 8 images, 1 epoch)
     info = MethodInfo(
-        name="cflow", display="CFLOW-AD", seed_setting="seed", trains=True, cost=cflow_cost, efficiency=0.05,
+        name="cflow", display="CFLOW-AD", seed_setting="seed", trains=True, cost=cflow_cost, efficiency=0.25,
         summary="conditional normalizing flows on patch features",
     )
 

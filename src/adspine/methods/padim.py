@@ -199,8 +199,9 @@ def padim_cost(shape: CostShape, settings: dict) -> float:
 class PaDiM(AnomalyMethod):
     """Patch distribution modelling; ``d`` = Rd channel count (None = all), image score = map maximum."""
 
+    # efficiency: measured 0.10 / 0.18 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 d=100)
     info = MethodInfo(
-        name="padim", display="PaDiM", draws_rd=True, exportable=True, cost=padim_cost, efficiency=0.2,
+        name="padim", display="PaDiM", draws_rd=True, exportable=True, cost=padim_cost, efficiency=0.15,
         summary="one Gaussian per patch position, Mahalanobis distance",
     )
 

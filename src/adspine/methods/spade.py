@@ -110,8 +110,10 @@ def spade_cost(shape: CostShape, settings: dict) -> float:
 class SPADE(AnomalyMethod):
     """Semantic pyramid anomaly detection with K nearest training images (K clipped to the training-set size)."""
 
+    # efficiency: measured 3.7 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 K=50; GEMM
+    # search vs a small 3x3 conv)
     info = MethodInfo(
-        name="spade", display="SPADE", cost=spade_cost, efficiency=0.7,
+        name="spade", display="SPADE", cost=spade_cost, efficiency=3.0,
         summary="K nearest training images, then nearest patch among their patches",
     )
 
