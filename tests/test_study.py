@@ -281,12 +281,14 @@ def study_db(tmp_path_factory, synth_root):
     first = cli.invoke(app, ["study", str(spec_path), "--db", str(db), "--no-progress"])
     mp.setattr(jobmod, "run_job", nut_fails)
     second = cli.invoke(app, ["study", str(spec_path), "--db", str(db), "--no-progress"])
+    keys_after_second = _result_keys(db)
     mp.undo()
-    yield db, spec_path, calls, first, second
+    third = cli.invoke(app, ["study", str(spec_path), "--db", str(db), "--no-progress"])  # retries the failed job
+    yield db, spec_path, calls, first, second, third, keys_after_second
 
 
 def test_interrupt_then_resume_loses_and_duplicates_nothing(study_db):
-    db, spec_path, calls, first, second = study_db
+    db, spec_path, calls, first, second, third, keys = study_db
     assert first.exit_code == 130
     assert "interrupted" in first.output and "1 finished job(s) are committed" in first.output
     jobs = plan(spec_path).jobs
@@ -295,16 +297,16 @@ def test_interrupt_then_resume_loses_and_duplicates_nothing(study_db):
     assert calls[1] == [j.job_id for j in jobs[1:]]  # the finished job is skipped, the interrupted one reruns
     assert second.exit_code == 1, second.output  # a failed job makes the run exit non-zero
     assert "2 done, 1 failed, 1 already done (of 4)" in second.output
-    keys = _result_keys(db)
     assert len(keys) == len(set(keys)) == 3 * (len(RD_SEEDS) + 1)  # 3 done jobs x (padim per seed + patchcore)
-    third = CliRunner().invoke(app, ["study", str(spec_path), "--db", str(db), "--no-progress"])
     assert third.exit_code == 0 and "1 done, 0 failed, 3 already done" in third.output  # failed job retried
     assert len(_result_keys(db)) == 4 * (len(RD_SEEDS) + 1)
 
 
 def test_failed_job_recorded_with_its_layers(study_db):
-    db, spec_path, calls, *_ = study_db
-    with ResultStore(db) as store:
+    db, spec_path, calls, first, second, *_ = study_db
+    out = second.output.replace("\n", " ")
+    assert "job failed" in out and "simulated failure inside the job" in out and "[layers thesis]" in out
+    with ResultStore(db, readonly=True) as store:
         jobs = {j["job_id"]: j for j in store.jobs()}
     failed_id = calls[1][2]
     # the third run retried it: now done, attempt 2
@@ -407,4 +409,4 @@ def test_cflow_runs_in_a_study_with_training_time_as_fit_time(tmp_path, synth_ro
     row = rows[0]
     assert row["fit_s"] > 0 and row["predict_ms"] > 0 and row["model_bytes"] > 0
     assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
-    assert len(json.loads(row["provenance"])["extra_state"]["epoch_losses_"]) == 2
+    assert len(json.loads(row["provenance"])["extra_state"]["history_"]["epoch_losses"]) == 2
