@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -138,7 +137,7 @@ def _md_table(path):
 
 def test_files_exist(report):
     out, _, printed = report
-    assert printed.endswith("report.html")
+    assert printed.splitlines()[0].endswith("report.html")
     for stem in ("synth_resnet", "synth_mobilenet", "ranking_synth", "ranking_imgs"):
         for ext in ("md", "tex", "csv"):
             assert (out / "tables" / f"{stem}.{ext}").stat().st_size > 0
@@ -439,14 +438,17 @@ def test_empty_store(tmp_path):
     assert "No results" in html and "No failed or killed jobs" in html
 
 
-def test_fit_command_shown_when_detector_provides_it(tmp_path, monkeypatch):
+def test_fit_command_of_the_recommendation(tmp_path):
     db, _ = _make_store(tmp_path)
-    mod = types.ModuleType("adspine.detector")
-    mod.fit_command = lambda row: f"adspine fit --backbone {row['backbone']} --method {row['method']}"
-    monkeypatch.setitem(sys.modules, "adspine.detector", mod)
-    html = build_report(db, tmp_path / "out2", budget_ms=1e6).read_text()
-    assert "adspine fit --backbone" in html
-    assert "adspine fit --backbone" in (tmp_path / "out2" / "recommendation.md").read_text()
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["--db", str(db), "--out", str(tmp_path / "out2"), "--budget-ms", "1e6"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("build the recommendation: "))
+    cmd = line.removeprefix("build the recommendation: ")
+    assert cmd.startswith("adspine fit --backbone ") and " --method " in cmd and "None" not in cmd
+    assert cmd in (tmp_path / "out2" / "report.html").read_text().replace("&#x27;", "'")
+    assert cmd in (tmp_path / "out2" / "recommendation.md").read_text()
 
 
 def test_cli_module_imports_nothing_heavy():

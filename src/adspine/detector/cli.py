@@ -48,18 +48,27 @@ def fit_command(row: dict, train: str = "TRAIN_DIR", out: str = "model") -> str:
     layers = json.loads(layers) if isinstance(layers, str) and layers.startswith("[") else layers
     settings = row.get("settings") or {}
     settings = json.loads(settings) if isinstance(settings, str) else settings
-    size = row.get("image_size")
-    if isinstance(size, str) and size.startswith("["):
-        size = json.loads(size)
-    size = "x".join(str(s) for s in size) if isinstance(size, (list, tuple)) else str(size)
+    if row.get("image_height") and row.get("image_width"):
+        size = f"{row['image_height']}x{row['image_width']}"
+    else:
+        size = row.get("image_size")
+        if isinstance(size, str) and size.startswith("["):
+            size = json.loads(size)
+        size = "x".join(str(s) for s in size) if isinstance(size, (list, tuple)) else size
+    from adspine.backbones.init_names import SEEDED_INITS, parse_init
+
     args = ["adspine", "fit", "--backbone", row["backbone"], "--init", row["init"]]
-    if row.get("init_seed") is not None and not str(row["init"]).startswith(("imagenet", "file:")):
+    if row.get("init_seed") is not None and parse_init(str(row["init"]))[0] in SEEDED_INITS:
         args += ["--init-seed", str(row["init_seed"])]
     args += ["--layers", ",".join(layers) if layers else str(row.get("layer_preset") or "thesis")]
     args += ["--method", row["method"]]
     for k, v in sorted(settings.items()):
         args += ["--set", f"{k}={json.dumps(v, separators=(',', ':'))}"]
-    args += ["--protocol", str(row["protocol"]), "--size", size, "--train", train, "--out", out]
+    if row.get("protocol"):
+        args += ["--protocol", str(row["protocol"])]
+    if size:
+        args += ["--size", str(size)]
+    args += ["--train", train, "--out", out]
     return shlex.join(args)
 
 

@@ -85,10 +85,8 @@ def _fit_command(entry: dict | None, rows: list[dict]) -> str | None:
     """``adspine fit ...`` that builds the recommended configuration, where the detector module provides it."""
     if entry is None:
         return None
-    try:
-        from adspine.detector import fit_command
-    except ImportError:
-        return None
+    from adspine.detector import fit_command
+
     row = next((r for r in rows if (r["backbone"], r["init"], r["method"], str(r.get("dataset") or "dataset"))
                 == (entry["backbone"], entry["init"], entry["method"], entry["dataset"])), None)
     if row is None:
@@ -163,8 +161,8 @@ def _build(store, db: Path, out: Path, budget_ms: float | None) -> None:
     rows = store.rows()
     jobs = store.jobs()
     failed_jobs = [j for j in jobs if j.get("status") in ("failed", "killed")]
-    failed_methods = store.failed_results() if hasattr(store, "failed_results") else []
-    specs = store.study_specs() if hasattr(store, "study_specs") else {}
+    failed_methods = store.failed_results()
+    specs = store.study_specs()
 
     ranks = ranking(rows)
     by_ds = {ds: [e for e in ranks if e["dataset"] == ds] for ds in datasets(rows)}

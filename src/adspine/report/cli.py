@@ -24,6 +24,9 @@ def report(
     except ReportError as e:
         fail(str(e))
     typer.echo(str(path))
+    for line in (path.parent / "recommendation.md").read_text().splitlines():
+        if line.startswith("adspine fit "):
+            typer.echo(f"build the recommendation: {line}")
 
 
 def register(app: typer.Typer) -> None:

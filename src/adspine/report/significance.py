@@ -63,29 +63,20 @@ def _first_seed_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     return out
 
 
-def _load_uncertainty():
-    try:
-        from adspine.metrics import uncertainty
-    except ImportError:
-        return None
-    return uncertainty
-
-
 def compare_to_best(rows: list[dict], entries: list[dict]) -> Significance:
     """Mark the ranking ``entries`` of ONE dataset in place (``vs_best_p_holm``, ``indistinguishable_from_best``,
     ``is_best``) and return the per-category tests."""
     from scipy.stats import norm
 
-    unc = _load_uncertainty()
-    if unc is None:
-        return Significance(False, "paired tests not run: adspine.metrics.uncertainty is not installed")
+    from adspine.metrics import uncertainty as unc
+
     rows = [r for r in rows if is_done(r)]
     seed_rows = _first_seed_rows(rows)
     data: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
     for key, cats in seed_rows.items():
         for cat, r in cats.items():
             lab, sc = _array(r.get("test_labels")), _array(r.get("test_scores"))
-            if lab is not None and sc is not None and len(lab) == len(sc) and len(np.unique(lab)) == 2:
+            if lab is not None and sc is not None and len(lab) == len(sc) and min((lab == 0).sum(), (lab == 1).sum()) >= 2:
                 data[key][cat] = (lab.astype(int), sc.astype(float))
     if not data:
         return Significance(False, "paired tests not run: the store holds no per-image test scores")
