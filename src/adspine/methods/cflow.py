@@ -155,7 +155,7 @@ class CFlow(AnomalyMethod):
     # efficiency: measured 0.16 / 0.40 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 at
     # 224, 8 images, 1 epoch)
     info = MethodInfo(
-        name="cflow", display="CFLOW-AD", seed_setting="seed", trains=True, cost=cflow_cost, efficiency=0.25,
+        name="cflow", display="CFLOW-AD", seed_setting="seed", trains=True, cost=cflow_cost, efficiency=0.03,
         summary="conditional normalizing flows on patch features",
     )
 

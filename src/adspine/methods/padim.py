@@ -201,7 +201,7 @@ class PaDiM(AnomalyMethod):
 
     # efficiency: measured 0.10 / 0.18 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 d=100)
     info = MethodInfo(
-        name="padim", display="PaDiM", draws_rd=True, exportable=True, cost=padim_cost, efficiency=0.15,
+        name="padim", display="PaDiM", draws_rd=True, exportable=True, cost=padim_cost, efficiency=0.035,
         summary="one Gaussian per patch position, Mahalanobis distance",
     )
 

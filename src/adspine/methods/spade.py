@@ -113,7 +113,7 @@ class SPADE(AnomalyMethod):
     # efficiency: measured 3.7 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 K=50; GEMM
     # search vs a small 3x3 conv)
     info = MethodInfo(
-        name="spade", display="SPADE", cost=spade_cost, efficiency=3.0,
+        name="spade", display="SPADE", cost=spade_cost, efficiency=0.25,
         summary="K nearest training images, then nearest patch among their patches",
     )
 

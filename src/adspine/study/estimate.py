@@ -17,9 +17,12 @@ from typing import Any
 from adspine.study.plan import Job
 from adspine.study.spec import StudySpec
 
-JOB_OVERHEAD_S = 4.0  # build and trace the network, load weights, scan the dataset
-RESULT_OVERHEAD_S = 1.5  # save the model, metrics and intervals, examples, predict latency repeats
-BACKBONE_EFFICIENCY = 0.3  # whole network vs one dense 3x3 conv (depthwise, memory-bound layers)
+# Calibrated with benchmarks/estimate.py on the demo (2 threads; efficiencies are fractions of the measured conv rate;
+# each method's own efficiency sits in its MethodInfo).
+FIRST_JOB_S = 12.0  # imports and warm-up of the first job a process runs
+JOB_OVERHEAD_S = 2.0  # build and trace the network, load weights, scan the dataset
+RESULT_OVERHEAD_S = 0.5  # save the model, metrics and intervals, examples
+BACKBONE_EFFICIENCY = 0.2  # whole network vs one dense 3x3 conv (depthwise, memory-bound layers)
 MVTEC_MEAN_IMAGES = (242, 115)  # assumed when the dataset folder is not there yet
 
 
@@ -72,6 +75,14 @@ def count_images(job: Job) -> tuple[int, int, bool]:
     return len(data.train), len(data.test), True
 
 
+def timing_seconds(spec: StudySpec, round_s: float) -> float:
+    """Time the latency measurement of one thing takes: warm-up rounds, then rounds until ``repeats`` are done or
+    ``budget_s`` has passed (at least 3), as ``timing.time_interleaved`` does."""
+    t = spec.timing
+    rounds_s = min(t.repeats * round_s, max(t.budget_s, min(3, t.repeats) * round_s))
+    return t.warmup * round_s + rounds_s
+
+
 def estimate_jobs(spec: StudySpec, jobs: list[Job]) -> list[dict[str, Any]]:
     """Rough seconds per job: ``[{"job", "n_train", "n_test", "data_found", "flops", "seconds"}]``."""
     from adspine.methods import get_method_class
@@ -90,9 +101,9 @@ def estimate_jobs(spec: StudySpec, jobs: list[Job]) -> list[dict[str, Any]]:
         if (job.root, job.category) not in counts:
             counts[(job.root, job.category)] = count_images(job)
         n, t, found = counts[(job.root, job.category)]
-        timed = (spec.timing.batch_n + 1) * (spec.timing.warmup + spec.timing.repeats)  # latency runs
         bflops = bs.flops or 5e9
-        seconds = JOB_OVERHEAD_S + bflops * (n + t + timed) / (rate * BACKBONE_EFFICIENCY)
+        per_image_s = bflops / (rate * BACKBONE_EFFICIENCY)
+        seconds = JOB_OVERHEAD_S + per_image_s * (n + t) + timing_seconds(spec, per_image_s * (1 + spec.timing.batch_n))
         a = sum(bs.channels)
         for m in spec.methods:
             klass = get_method_class(m.name)
@@ -107,9 +118,11 @@ def estimate_jobs(spec: StudySpec, jobs: list[Job]) -> list[dict[str, Any]]:
                 flops, eff = float(info.cost(shape, settings)), info.efficiency
             else:
                 flops, eff = 3 * bflops * (n + t), BACKBONE_EFFICIENCY
-            seconds += runs * (flops / (rate * eff) + RESULT_OVERHEAD_S)
+            method_s = flops / (rate * eff)
+            predict_one_s = method_s / max(1, n + t)  # a rough share: one image's part of fit + predict
+            seconds += runs * (method_s + timing_seconds(spec, predict_one_s) + RESULT_OVERHEAD_S)
         out.append({"job": job, "n_train": n, "n_test": t, "data_found": found, "flops": bs.flops,
-                    "seconds": seconds})
+                    "seconds": seconds + (FIRST_JOB_S if not out else 0.0)})
     return out
 
 
