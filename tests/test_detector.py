@@ -266,7 +266,11 @@ def test_fit_command_round_trips_through_the_parser():
     assert argv[:2] == ["adspine", "fit"]
     opts = {argv[i]: argv[i + 1] for i in range(2, len(argv), 2) if argv[i] != "--set"}
     sets = parse_settings([argv[i + 1] for i in range(2, len(argv), 2) if argv[i] == "--set"])
-    assert sets == json.loads(row["settings"])
+    from adspine.methods import get_method_class
+
+    defaults = get_method_class("patchcore").defaults()
+    assert {**defaults, **sets} == {**defaults, **json.loads(row["settings"])}  # the same method is built
+    assert sets == {"coreset_ratio": 0.01}  # settings at their defaults need no flag
     assert opts == {"--backbone": "resnet18", "--init": "kaiming_normal", "--init-seed": "3",
                     "--layers": "layer1,layer2", "--method": "patchcore", "--protocol": "paper", "--size": "224",
                     "--train": "data/fabric", "--out": "m"}

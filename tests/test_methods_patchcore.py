@@ -1,6 +1,6 @@
 """PatchCore: coreset against a naive greedy loop, feature aggregation against a manual computation, scores against
-brute force (squared and Euclidean, incl. Eq. 7 re-weighting), rectangular grids, layer fallback, persistence,
-separation."""
+brute force (squared and Euclidean, incl. Eq. 7 re-weighting), the pruned exact search against float64 brute force
+(weak and strong pruning, ties), rectangular grids, layer fallback, persistence, separation."""
 
 import math
 import sys
@@ -20,6 +20,7 @@ from adspine.methods.patchcore import (  # noqa: E402
     aggregate,
     greedy_coreset,
 )
+from adspine.methods.knn import NearestBank  # noqa: E402
 from adspine.methods.postprocess import patch_scores_to_map  # noqa: E402
 
 SIZE = (32, 32)
@@ -51,6 +52,62 @@ def test_coreset_equals_naive_greedy_loop(starts, dtype):
     got = greedy_coreset(x.to(dtype), 60, torch.tensor(starts))
     assert got.tolist() == naive_greedy(x.numpy(), 60, starts)
     assert len(set(got.tolist())) == 60
+
+
+def _bruteforce(bank: torch.Tensor, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 squared distances to the nearest row and its first index (numpy argmin)."""
+    d2 = ((queries.double().numpy()[:, None, :] - bank.double().numpy()[None]) ** 2).sum(-1)
+    return d2.min(1), d2.argmin(1)
+
+
+def _low_rank(n: int, gen: torch.Generator, basis: torch.Tensor, noise: float) -> torch.Tensor:
+    return torch.randn(n, basis.shape[0], generator=gen) @ basis + noise * torch.randn(n, basis.shape[1], generator=gen)
+
+
+def _search_data(kind: str):
+    gen = torch.Generator().manual_seed(7)
+    if kind == "isotropic":  # no principal direction: the bound prunes little
+        return torch.randn(300, 48, generator=gen), torch.randn(200, 48, generator=gen)
+    basis = torch.randn(4, 48, generator=gen)
+    bank = _low_rank(300, gen, basis, 1e-3)
+    queries = torch.cat([_low_rank(100, gen, basis, 1e-3), _low_rank(50, gen, basis, 0.0), bank[::7]])
+    if kind == "low_rank_offset":  # far from the origin: |x|^2 >> |x - y|^2 without the centring
+        bank, queries = bank + 1000.0, queries + 1000.0
+    return bank, queries  # queries: off-subspace, exactly in the subspace, bank rows (distance 0)
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "low_rank", "low_rank_offset"])
+def test_pruned_search_equals_float64_bruteforce(kind):
+    bank, queries = _search_data(kind)
+    search = NearestBank(bank, components=8, leaf=8, block=64)  # 3 blocks, a short last run
+    d2, idx = search.search(queries)
+    want_d2, want_idx = _bruteforce(bank, queries)
+    assert idx.tolist() == want_idx.tolist()
+    np.testing.assert_allclose(d2.numpy(), want_d2, rtol=1e-5, atol=1e-9)
+    assert d2.dtype == torch.float64 and idx.dtype == torch.int64
+    if kind == "low_rank":  # the bound leaves a few candidates per query out of 300 rows
+        assert search.last_candidates < 30, search.last_candidates
+
+
+def test_pruned_search_ties_and_duplicates_give_the_exact_minimum_and_first_index():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randint(-4, 5, (40, 16), generator=gen).float()  # integers: every distance exact in float32
+    bank = torch.cat([base, base[:10], base[5:15]])[torch.randperm(60, generator=gen)]  # duplicated rows
+    mid = base[:8].clone()
+    mid[:, 0] += 1.0  # at distance 1 from base[i]; a copy at distance 1 on the other side ties with it
+    twin = base[:8].clone()
+    twin[:, 0] += 2.0
+    bank = torch.cat([bank, twin])
+    queries = torch.cat([base, mid, torch.zeros(3, 16)])
+    d2, idx = NearestBank(bank, components=4, leaf=8, block=16).search(queries)
+    want_d2, want_idx = _bruteforce(bank, queries)
+    np.testing.assert_array_equal(d2.numpy(), want_d2)
+    assert idx.tolist() == want_idx.tolist()
+
+
+def test_pruned_search_rejects_wrong_query_width():
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 8\)"):
+        NearestBank(torch.randn(20, 8)).search(torch.randn(3, 5))
 
 
 def _pool1d(v: np.ndarray, out: int) -> np.ndarray:

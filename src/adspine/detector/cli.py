@@ -62,8 +62,12 @@ def fit_command(row: dict, train: str = "TRAIN_DIR", out: str = "model") -> str:
         args += ["--init-seed", str(row["init_seed"])]
     args += ["--layers", ",".join(layers) if layers else str(row.get("layer_preset") or "thesis")]
     args += ["--method", row["method"]]
+    from adspine.methods import get_method_class
+
+    defaults = get_method_class(row["method"]).defaults()
     for k, v in sorted(settings.items()):
-        args += ["--set", f"{k}={json.dumps(v, separators=(',', ':'))}"]
+        if k not in defaults or defaults[k] != v:  # settings left at their defaults need no flag
+            args += ["--set", f"{k}={json.dumps(v, separators=(',', ':'))}"]
     if row.get("protocol"):
         args += ["--protocol", str(row["protocol"])]
     if size:

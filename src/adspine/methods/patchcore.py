@@ -210,7 +210,7 @@ class PatchCore(AnomalyMethod):
         self.coreset_seed, self.layers, self.distance = int(coreset_seed), [int(i) for i in layers], distance
         self.reweight, self.num_neighbors, self.sigma = bool(reweight), int(num_neighbors), float(sigma)
         self.coreset_starts = int(coreset_starts)
-        self._search: knn.NearestBank | None = None  # derived from bank_ on first predict, not saved
+        self._search: knn.NearestBank | None = None  # derived from bank_ (fit, or first predict after load), not saved
 
     # -- features ----------------------------------------------------------------------------------------------------
     def used_maps(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -251,6 +251,7 @@ class PatchCore(AnomalyMethod):
             n_select = max(1, int(self.n_patches_ * self.coreset_ratio))
             if n_select >= self.n_patches_:
                 self.bank_ = torch.cat(chunks)
+                self._search = knn.NearestBank(self.bank_)
                 return
             z = torch.cat(projected)
             projected.clear()
@@ -259,7 +260,7 @@ class PatchCore(AnomalyMethod):
             selected = greedy_coreset(z, n_select, starts)
             del z
             self.bank_ = _gather_rows(chunks, selected)
-        self._search = None
+        self._search = knn.NearestBank(self.bank_)  # built here so predict starts searching at once
 
     # -- predict -------------------------------------------------------------------------------------------------------
     def _nearest(self) -> knn.NearestBank:

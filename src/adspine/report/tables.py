@@ -495,14 +495,20 @@ def vs_best(e: dict) -> str:
     return f"{'≈ ' if e.get('indistinguishable_from_best') else ''}p={p:.2g}"
 
 
-RANKING_HEAD = ["#", "backbone", "init", "method", "image AUROC", "vs best", "pixel AUROC", "AUPRO", "seeds",
+RANKING_HEAD = ["#", "backbone", "init", "method", "image AUROC", "95 % CI", "vs best", "pixel AUROC", "AUPRO", "seeds",
                 "backbone ms b1 (min)", "method ms (min)", "total ms (min)", "total ms (median)", "method MB",
                 "params", "FLOPs"]
 
 
+def interval(e: dict, key: str) -> str:
+    """``[lo, hi]`` in % of a stored 95 % interval, or the missing mark."""
+    lo, hi = e.get(f"{key}_lo"), e.get(f"{key}_hi")
+    return MISSING if lo is None or hi is None else f"[{pct(lo)}, {pct(hi)}]"
+
+
 def ranking_cells(e: dict, pm: str = "±") -> list[str]:
     return [str(e["rank"]), str(e["backbone"]), str(e["init"]), method_name(e["method"]),
-            mean_std(e, "image_auroc", pm), vs_best(e), mean_std(e, "pixel_auroc", pm), mean_std(e, "aupro", pm),
+            mean_std(e, "image_auroc", pm), interval(e, "image_auroc"), vs_best(e), mean_std(e, "pixel_auroc", pm), mean_std(e, "aupro", pm),
             str(e["n_seeds"]), fmt(e.get("backbone_ms_b1_min") if e.get("backbone_ms_b1_min") is not None
                                    else e.get("backbone_ms_b1")),
             fmt(e.get("predict_ms_min") if e.get("predict_ms_min") is not None else e.get("predict_ms")),
