@@ -5,7 +5,9 @@ The graph takes the preprocessed image (B, 3, H, W) in [0, 1] (preprocessing sta
 path); the preprocessing protocol, size and thresholds travel in the file's metadata. PaDiM: Mahalanobis distance by
 batched matmul with the stored whitening factors. PatchCore: adaptive channel pooling as a fixed matrix, nearest
 neighbour as the argmin of ``|b|^2 - 2 q.b``
-against the centred memory bank, the winner's distance then recomputed from the difference (as ``knn.NearestBank``). Exported with torch's TorchScript-based exporter
+against the centred memory bank (a brute-force matrix product; the torch path prunes the same exact search with a
+PCA lower bound), the winner's distance then recomputed from the difference. Exported with torch's TorchScript-based
+exporter
 (``dynamo=False``: no onnxscript needed), opset 17.
 """
 
@@ -101,7 +103,8 @@ class PatchCoreHead(nn.Module):
             per_layer.append(p.flatten(2).transpose(1, 2))  # (B, P, T)
         x = torch.cat(per_layer, dim=2) @ self.final  # layer-major concatenation, pooled again: (B, P, T)
         b = x.shape[0]
-        # as knn.NearestBank: argmin against the centred bank, then the winner's distance from the difference
+        # brute-force exact search (same nearest row as knn.NearestBank): argmin against the centred bank, then the
+        # winner's distance from the difference
         nearest = (self.centred_sq - 2 * ((x - self.centre) @ self.centred_t)).argmin(dim=-1)  # (B, P)
         winner = self.bank.index_select(0, nearest.flatten()).reshape(x.shape)
         patch = (x - winner).square().sum(-1).reshape(b, ref[0], ref[1])

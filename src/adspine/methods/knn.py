@@ -81,7 +81,8 @@ def tree_order(z: torch.Tensor, leaf: int) -> torch.Tensor:
 class NearestBank:
     """Exact nearest row of a fixed bank (M, D) for many queries, pruned by a PCA lower bound.
 
-    Built once: the top ``components`` principal directions ``P`` of the centred bank (float64 ``eigh``), each row's
+    Built once: the top ``components`` principal directions ``P`` of the centred bank (float64 ``eigh`` of the
+    float32 Gram matrix; any orthonormal ``P`` keeps the bound valid), each row's
     projection ``P^T y`` and an upper bound ``r_y`` of its residual norm ``|(I - P P^T) y|``; the rows are reordered
     along a principal-axis tree (``tree_order``) into runs of ``leaf`` neighbouring rows. Per block of queries:
 
@@ -105,17 +106,18 @@ class NearestBank:
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"nearest-neighbour bank must be a non-empty (M, D) matrix, got shape {tuple(bank.shape)}")
         m, d = bank.shape
-        centre = bank.double().mean(dim=0)
-        centred64 = bank.double() - centre
-        self.centre = centre.float()
+        self.centre = bank.mean(dim=0, dtype=torch.float64).to(torch.float32)
+        centred = bank - self.centre
         k = max(1, min(int(components), d, m))
-        _, vecs = torch.linalg.eigh(centred64.T @ centred64)
+        # any orthonormal basis keeps the bound valid: a float32 Gram matrix is precise enough to pick the directions
+        _, vecs = torch.linalg.eigh((centred.T @ centred).double())
         self.basis = vecs[:, -k:].flip(1).to(torch.float32).contiguous()  # (D, k), largest variance first
-        proj = (bank - self.centre) @ self.basis
+        proj = centred @ self.basis
         self.order = tree_order(proj, leaf)
         self.bank = bank[self.order].contiguous()
         self._bank_np = self.bank.numpy()
-        proj, sq = proj[self.order], centred64[self.order].square().sum(dim=1)
+        proj, sq = proj[self.order], centred[self.order].double().square_().sum(dim=1)
+        del centred
         resid = self._residual_bound(sq, proj)
         runs = -(-m // leaf)
         pad = runs * leaf - m  # padding rows: LB = +inf, never candidates

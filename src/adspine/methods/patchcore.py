@@ -179,7 +179,7 @@ class PatchCore(AnomalyMethod):
 
     info = MethodInfo(
         name="patchcore", display="PatchCore", draws_rd=False, seed_setting="coreset_seed", exportable=True,
-        cost=_cost, efficiency=0.5,
+        cost=_cost, efficiency=0.15,
         summary="coreset memory bank of locally aggregated patches, nearest-neighbour distance",
     )
 
