@@ -19,7 +19,7 @@ from adspine.study.spec import StudySpec
 
 # Calibrated with benchmarks/estimate.py on the demo (2 threads; efficiencies are fractions of the measured conv rate;
 # each method's own efficiency sits in its MethodInfo).
-FIRST_JOB_S = 12.0  # imports and warm-up of the first job a process runs
+FIRST_JOB_S = 3.0  # imports and warm-up of the first job a process runs
 JOB_OVERHEAD_S = 2.0  # build and trace the network, load weights, scan the dataset
 RESULT_OVERHEAD_S = 0.5  # save the model, metrics and intervals, examples
 BACKBONE_EFFICIENCY = 0.2  # whole network vs one dense 3x3 conv (depthwise, memory-bound layers)
