@@ -76,8 +76,8 @@ def count_images(job: Job) -> tuple[int, int, bool]:
 
 
 def timing_seconds(spec: StudySpec, round_s: float) -> float:
-    """Time the latency measurement of one thing takes: warm-up rounds, then rounds until ``repeats`` are done or
-    ``budget_s`` has passed (at least 3), as ``timing.time_interleaved`` does."""
+    """Time the latency measurement of one thing takes: warm-up rounds, then rounds until ``budget_s`` has passed
+    (at least 3, at most ``repeats``), as ``timing.time_interleaved`` does."""
     t = spec.timing
     rounds_s = min(t.repeats * round_s, max(t.budget_s, min(3, t.repeats) * round_s))
     return t.warmup * round_s + rounds_s
