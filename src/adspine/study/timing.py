@@ -165,6 +165,19 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
+def release_free_memory() -> None:
+    """Give memory that was freed but kept by the C allocator back to the OS (glibc ``malloc_trim``), so the
+    resident size before a block counts live data only and the block's own allocations show as its increment."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def reset_high_water_mark() -> bool:
     """Reset the kernel's peak RSS of this process (Linux >= 4.0); False where that is not possible."""
     try:
@@ -183,6 +196,7 @@ class KernelPeak:
     sampling thread stands in; ``source`` says which ('VmHWM' or 'sampler')."""
 
     def __enter__(self) -> "KernelPeak":
+        release_free_memory()
         self.baseline_mb = rss_mb()
         self.source = "VmHWM" if reset_high_water_mark() else "sampler"
         self._sampler = None
