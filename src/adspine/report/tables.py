@@ -146,14 +146,15 @@ Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 def mean_interval(values, los, his) -> tuple[float | None, float | None]:
     """95 % interval of the mean of independent estimates, from their own 95 % intervals (normal approximation:
-    se_i = (hi_i - lo_i) / (2 z), se_mean = sqrt(sum se_i^2) / n); None where any interval is missing."""
+    se_i = (hi_i - lo_i) / (2 z), se_mean = sqrt(sum se_i^2) / n), kept inside [0, 1] as the metrics are; None
+    where any interval is missing."""
     vals = [num(v) for v in values]
     lo_, hi_ = [num(v) for v in los], [num(v) for v in his]
     if not vals or any(v is None for v in vals + lo_ + hi_):
         return None, None
     se = math.sqrt(sum(((h - lo) / (2 * Z95)) ** 2 for lo, h in zip(lo_, hi_))) / len(vals)
     m = sum(vals) / len(vals)
-    return m - Z95 * se, m + Z95 * se
+    return max(0.0, m - Z95 * se), min(1.0, m + Z95 * se)
 
 
 # -- family tables -----------------------------------------------------------------------------------------------
