@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from adspine.clitools import fail
 from rich.console import Console
 
 console = Console()
@@ -19,12 +21,6 @@ err_console = Console(stderr=True)
 
 class ExportFormat(str, Enum):
     onnx = "onnx"
-
-
-def _fail(msg: str) -> None:
-    from adspine.clitools import fail
-
-    fail(msg)
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
@@ -106,7 +102,7 @@ def fit(
         seconds = time.perf_counter() - start
         det.save(out)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     rec = det.holdout_record
     console.print(f"fitted {det.method.name} on {backbone} ({init}) with {rec['n_fit']} images in {seconds:.1f} s; "
                   f"threshold {det.threshold:.6g} ({rec['rule']} of {rec['count']} held-out images), pixel "
@@ -167,7 +163,7 @@ def predict(
         det = _load_any(model)
         paths = collect_images(images)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     rows, flagged, unreadable = [], 0, 0
@@ -239,7 +235,7 @@ def evaluate_cmd(
     try:
         res = evaluate_detector(Detector.load(model), data)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         console.print_json(json.dumps(res))
         return
@@ -261,7 +257,7 @@ def export(
     try:
         res = export_onnx(Detector.load(model), out or model / "detector.onnx")
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"wrote {res['path']}; onnxruntime vs torch: map max difference {res['max_abs_diff']:.3g} "
                   f"({res['relative_diff']:.2e} relative, limit {TOLERANCE:g}), score {res['score_relative_diff']:.2e} "
                   f"relative", highlight=False)
