@@ -160,6 +160,47 @@ def test_aggregation_shape_and_value_match_manual_computation():
         np.testing.assert_allclose(got[b, y, x].numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+def _authors_aggregate(maps: list[torch.Tensor], target: int) -> torch.Tensor:
+    """The authors' aggregation in float64, literally: per layer unfold + adaptive_avg_pool1d, resize to the first
+    grid, stack layer-major, pool again."""
+    import torch.nn.functional as F
+
+    ref = maps[0].shape[-2:]
+    per_layer = []
+    for m in maps:
+        b, c, h, w = m.shape
+        u = F.unfold(m.double(), kernel_size=3, stride=1, padding=1).transpose(1, 2).reshape(b * h * w, 1, c * 9)
+        p = F.adaptive_avg_pool1d(u, target).reshape(b, h, w, target).permute(0, 3, 1, 2)
+        if p.shape[-2:] != ref:
+            p = F.interpolate(p, size=tuple(ref), mode="bilinear", align_corners=False)
+        per_layer.append(p.permute(0, 2, 3, 1))
+    x = torch.stack(per_layer, dim=3)
+    b, h, w = x.shape[:3]
+    return F.adaptive_avg_pool1d(x.reshape(b * h * w, 1, -1), target).reshape(b, h, w, target)
+
+
+@pytest.mark.parametrize(
+    "channels, grids, target",
+    [
+        ((128, 256), ((28, 28), (14, 14)), 1024),  # ResNet-18 layers 2-3 at 224 px: grouped kernels
+        ((12, 20), ((6, 10), (3, 5)), 64),  # rectangular grids
+        ((7,), ((5, 9),), 16),  # one layer, pooling bins straddling channels
+        ((5, 7, 3), ((8, 6), (4, 3), (2, 2)), 16),  # three layers: final bins straddle layers
+        ((3, 6), ((4, 4), (7, 5)), 40),  # target above 9 * channels; deeper grid larger than the first
+        ((6, 10), ((5, 5), (3, 3)), 33),  # odd target: the final bins do not split evenly
+    ],
+)
+def test_aggregation_equals_authors_unfold_pool_resize_stack_pool(channels, grids, target):
+    gen = torch.Generator().manual_seed(sum(channels) + target)
+    maps = [torch.randn(2, c, h, w, generator=gen) for c, (h, w) in zip(channels, grids)]
+    got = aggregate(maps, target)
+    want = _authors_aggregate(maps, target)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    got64 = aggregate([m.double() for m in maps], target)
+    torch.testing.assert_close(got64, want, rtol=1e-12, atol=1e-12)
+
+
 def test_gather_rows_equals_concatenate_then_index():
     chunks = [torch.randn(n, 3) for n in (5, 1, 7, 4)]
     rows = torch.tensor([16, 0, 5, 6, 12, 3, 11])

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -28,7 +30,7 @@ from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Predictio
 from adspine.methods.postprocess import DEFAULT_SIGMA, patch_scores_to_map
 
 DISTANCES = ("squared", "euclidean")
-AGGREGATE_IMAGES = 2  # images aggregated at once during fit: bounds the unfold temporaries (WRN50: 29 MB per image)
+AGGREGATE_IMAGES = 2  # images aggregated at once during fit: bounds the temporaries (about the size of the output)
 CORESET_BLOCK = 512  # rows per block of the coreset's lazy distance updates (128-d float32: 256 KiB, in L2)
 
 
@@ -42,24 +44,77 @@ def resolve_layers(requested: Sequence[int], n_available: int) -> list[int]:
 
 
 def aggregate(maps: Sequence[torch.Tensor], target_dim: int) -> torch.Tensor:
-    """Locally aware patch features (B, H, W, target_dim) of the used maps (first map's grid is the reference)."""
+    """Locally aware patch features (B, H, W, target_dim) of the used maps (first map's grid is the reference).
+
+    Equals the authors' unfold + ``adaptive_avg_pool1d`` per layer, bilinear resize, stack and pool again: the two
+    poolings of a layer compose into one fixed sparse linear map of its 3x3 neighbourhoods (``_layer_kernel``),
+    applied as a grouped convolution (channels-last) before the resize (both linear, on different axes). Layers
+    own disjoint column ranges of the output unless the final pooling's bins straddle layers, where they add up.
+    Runs on one torch thread, like ``greedy_coreset``: its few memory-bound ops gain little from a second thread and
+    stall on OpenMP barriers when the cores are shared.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _aggregate(maps, target_dim)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _aggregate(maps: Sequence[torch.Tensor], target_dim: int) -> torch.Tensor:
     ref = tuple(maps[0].shape[-2:])
-    per_layer = []
-    for m in maps:
-        b, c, h, w = m.shape
-        u = F.unfold(m, kernel_size=3, stride=1, padding=1)  # (B, C*9, h*w), channel-major like (C, 3, 3)
-        u = u.transpose(1, 2).reshape(b * h * w, 1, c * 9)
-        p = F.adaptive_avg_pool1d(u, target_dim).reshape(b, h, w, target_dim)
-        del u
-        if (h, w) != ref:
-            p = p.permute(0, 3, 1, 2)
-            p = F.interpolate(p, size=ref, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-        per_layer.append(p)
-    x = torch.stack(per_layer, dim=3)  # (B, H, W, L, T): flattened layer-major like the authors' aggregator
-    del per_layer
-    b, h, w = x.shape[:3]
-    x = F.adaptive_avg_pool1d(x.reshape(b * h * w, 1, -1), target_dim)
-    return x.reshape(b, h, w, target_dim)
+    parts = []
+    for index, m in enumerate(maps):
+        weight, groups, lo, hi = _layer_kernel(m.shape[1], target_dim, len(maps), index, m.dtype, m.device)
+        x = m.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x, weight, padding=1, groups=groups)
+        if tuple(y.shape[-2:]) != ref:
+            y = F.interpolate(y, size=ref, mode="bilinear", align_corners=False)
+        parts.append((lo, hi, y.permute(0, 2, 3, 1)))  # (B, H, W, hi - lo), contiguous when channels-last
+    if parts[0][0] == 0 and parts[-1][1] == target_dim and all(a[1] == b[0] for a, b in zip(parts, parts[1:])):
+        return torch.cat([p for _, _, p in parts], dim=3)
+    out = torch.zeros(*parts[0][2].shape[:3], target_dim, dtype=maps[0].dtype, device=maps[0].device)
+    for lo, hi, p in parts:
+        out[..., lo:hi] += p
+    return out
+
+
+def _pooling_matrix(n: int, target: int) -> torch.Tensor:
+    """(n, target) float64 matrix of ``adaptive_avg_pool1d`` (bin i: [floor(i n / target), ceil((i + 1) n / target)))"""
+    i = torch.arange(target)
+    lo, hi = (i * n) // target, -((-(i + 1) * n) // target)
+    e = torch.arange(n).unsqueeze(1)
+    return ((e >= lo) & (e < hi)).to(torch.float64) / (hi - lo).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_kernel(
+    channels: int, target: int, n_layers: int, index: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, int, int, int]:
+    """Layer ``index``'s part of ``aggregate`` as a conv: (weight (hi - lo, channels / groups, 3, 3), groups, lo, hi).
+
+    Its unfolded neighbourhood (entries channel-major, ``c * 9 + ky * 3 + kx``) is pooled to ``target``, then the
+    stacked layers' ``n_layers * target`` values are pooled to ``target``: bins of exactly ``n_layers`` entries, so
+    entry ``index * target + t`` goes to output ``(index * target + t) // n_layers``. The composed map touches the
+    output columns [lo, hi); ``groups`` is the most blocks of whole channels -> equal output slices it splits into.
+    Built in float64, returned in ``dtype`` on ``device`` (cached: treat as read-only).
+    """
+    first = _pooling_matrix(channels * 9, target)
+    final_bin = (index * target + torch.arange(target)) // n_layers
+    composed = torch.zeros(channels * 9, target, dtype=torch.float64).index_add_(1, final_bin, first) / n_layers
+    used = composed.abs().sum(dim=0).nonzero().view(-1)
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    composed = composed[:, lo:hi]
+    width = hi - lo
+    rows, cols = composed.nonzero(as_tuple=True)
+    common = math.gcd(channels, width)
+    groups = max(g for g in range(1, common + 1)
+                 if common % g == 0 and bool(((rows // (9 * channels // g)) == (cols // (width // g))).all()))
+    blocks = composed.reshape(groups, 9 * channels // groups, groups, width // groups)
+    diag = torch.arange(groups)
+    weight = blocks[diag, :, diag, :].transpose(1, 2)  # (groups, width / groups, 9 * channels / groups)
+    weight = weight.reshape(width, channels // groups, 3, 3).to(device=device, dtype=dtype).contiguous()
+    return weight, groups, lo, hi
 
 
 def greedy_coreset(x: torch.Tensor, n: int, starts: torch.Tensor, block: int = CORESET_BLOCK) -> torch.Tensor:
