@@ -8,10 +8,13 @@
 - The method needs every training feature: fit keeps all per-layer patch features (float32), centred on their
   per-layer mean (distances do not change; the ``|q|^2 + |g|^2 - 2 q.g`` expansion below loses far fewer digits),
   and their squared norms.
-- Nearest-patch search (``nearest_patch_sq_dist``): per test image and neighbour image, blocks of gallery rows go
-  through one ``addmm`` (``|g|^2 - 2 q.g`` for all the image's patches) into a cache-sized buffer and a row minimum;
-  ``|q|^2`` is added at the end. The queries are split over ``torch.get_num_threads()`` Python threads that each run
-  single-threaded BLAS (measured here: fewer OpenMP fork/joins on small GEMMs when the cores are shared).
+- Nearest-patch search (``nearest_patch_sq_dist``), exact either way; the queries are split over
+  ``torch.get_num_threads()`` Python threads that each run single-threaded BLAS (measured here: fewer OpenMP
+  fork/joins on small GEMMs when the cores are shared):
+  - where the CPU multiplies bfloat16 in hardware (AMX / AVX512-BF16), a bfloat16 GEMM with a proven error bound
+    screens the gallery (``adspine.methods.screen``) and the few candidate rows are scored in float64;
+  - otherwise blocks of gallery rows go through one float32 ``addmm`` (``|g|^2 - 2 q.g``) into a cache-sized buffer
+    and a row minimum, ``|q|^2`` added at the end, near-ties recomputed in float64.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from adspine.methods import knn
 from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Prediction
 from adspine.methods.postprocess import DEFAULT_SIGMA, gaussian_blur
+from adspine.methods.screen import GalleryScreen, fast_bf16
 
 GALLERY_BLOCK = 256  # gallery rows per GEMM block: (queries x 256) float32 buffer stays in cache
 TARGET_REL_ERROR = 1e-5  # nearest distances whose float32 expansion error may exceed this are recomputed directly
@@ -36,10 +40,12 @@ class SPADEError(ValueError):
 
 
 def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_sq: torch.Tensor,
-                          images: Sequence[int], threads: int = 1, block: int = GALLERY_BLOCK) -> torch.Tensor:
+                          images: Sequence[int], threads: int = 1, block: int = GALLERY_BLOCK,
+                          screen: GalleryScreen | None = None) -> torch.Tensor:
     """Squared Euclidean distance (Q,) of each query row (Q, C) to its nearest row among ``gallery[images]``.
 
-    ``gallery``: (N, P, C) float32; ``gallery_sq``: its squared row norms (N, P). float32 blocks of
+    ``gallery``: (N, P, C) float32; ``gallery_sq``: its squared row norms (N, P). With a ``screen`` (built on this
+    gallery): its candidate rows, scored exactly in float64 (``screened_sq_dist``). Otherwise float32 blocks of
     ``|g|^2 - 2 q.g`` with a running row minimum, then ``+ |q|^2``, clamped at 0. That expansion's rounding error for
     the winner is about ``u (|q|^2 + |g|^2)`` (u = float32 epsilon); queries whose minimum is small against it
     (near-duplicate patches) are recomputed in float64 (``refine_nearest``)."""
@@ -49,6 +55,9 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     out = torch.empty(q.shape[0], dtype=torch.float32)
 
     def run(rows: tuple[int, int]) -> None:
+        if screen is not None:
+            out[rows[0] : rows[1]] = screened_sq_dist(q[rows[0] : rows[1]], screen, images)
+            return
         qs = q[rows[0] : rows[1]]
         n = qs.shape[0]
         best = out[rows[0] : rows[1]].fill_(float("inf"))
@@ -74,6 +83,8 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
                 list(pool.map(run, parts))
         finally:
             torch.set_num_threads(old)
+    if screen is not None:
+        return out
     # the winner g lies within d of q, so |g| <= |q| + d: the expansion's rounding error for it is about
     # u (|q|^2 + (|q| + d)^2); where that is not small against d^2, recompute in float64
     q_sq = q.square().sum(dim=1)
@@ -82,6 +93,16 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     if flagged.numel():
         out[flagged] = refine_nearest(q[flagged], gallery, images)
     return out
+
+
+def screened_sq_dist(queries: torch.Tensor, screen: GalleryScreen, images: Sequence[int]) -> torch.Tensor:
+    """Exact squared distance (Q,) float32 to the nearest row among ``images``: float64 differences of the screen's
+    candidate rows (which always include the nearest)."""
+    qi, rows = screen.candidates(queries, images)
+    flat = screen.rows.reshape(-1, queries.shape[1])
+    d2 = (queries[qi].double() - flat[rows].double()).square_().sum(dim=1)
+    best = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
+    return best.scatter_reduce_(0, qi, d2, "amin").float()
 
 
 def refine_nearest(queries: torch.Tensor, gallery: torch.Tensor, images: Sequence[int],
@@ -147,6 +168,7 @@ class SPADE(AnomalyMethod):
     def _derive(self) -> None:
         """Squared norms of the centred training patches and the pooled-feature index (rebuilt after load)."""
         self._train_sq = [t.square().sum(dim=2) for t in self.train_]
+        self._screens = [GalleryScreen(t) for t in self.train_] if fast_bf16() else [None] * len(self.train_)
         self._index = knn.flat_l2_index(self.pooled_)
 
     def nearest_images(self, pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -161,11 +183,13 @@ class SPADE(AnomalyMethod):
             scores = dist.astype(np.float64).mean(axis=1)
             b = maps[0].shape[0]
             acc = torch.zeros(b, *image_size, dtype=torch.float32)
-            for m, train, train_sq, centre in zip(maps, self.train_, self._train_sq, self.centres_):
+            for m, train, train_sq, centre, screen in zip(maps, self.train_, self._train_sq, self.centres_,
+                                                          self._screens):
                 h, w = m.shape[-2:]
                 queries = m.flatten(2).transpose(1, 2) - centre  # (B, hw, C), centred like the gallery
                 layer = torch.stack([
-                    nearest_patch_sq_dist(queries[i], train, train_sq, nn_idx[i].tolist(), threads).sqrt_()
+                    nearest_patch_sq_dist(queries[i], train, train_sq, nn_idx[i].tolist(), threads,
+                                          screen=screen).sqrt_()
                     for i in range(b)
                 ]).view(b, 1, h, w)
                 acc += F.interpolate(layer, size=image_size, mode="bilinear", align_corners=False).squeeze(1)
