@@ -7,36 +7,41 @@ approximation.
 
 How the guarantee is kept (``u = 2^-8``, twice bfloat16's rounding of 2^-9):
 
-- Rows and queries are rotated onto the gallery's principal axes (an orthogonal map: distances unchanged) and written
-  as augmented bfloat16 vectors ``[-2 g', |g|^2_hi, |g|^2_lo, 1]`` and ``[q', 1, 1, |q|^2_hi]`` of width
-  ``32 * ceil(C / 32)`` (the AMX tile depth; a width of 64 runs twice as fast as 70). When the three norm columns do
-  not fit, the last (smallest-variance) rotated coordinates are left out and their norms enter the bound. One GEMM
+- Rows and queries are written as bfloat16 vectors ``[-2 g', |g|^2_hi, |g|^2_lo, 1]`` and ``[q', 1, 1, |q|^2_hi]``
+  of width ``32 * ceil(C / 32)`` (the AMX tile depth; a width of 64 runs twice as fast as 70). When the three norm
+  columns do not fit, they take the places of the three smallest-variance coordinates, which are left out and whose
+  norms enter the bound; for C <= 256 the coordinates are first rotated onto the gallery's principal axes (an
+  orthogonal map: distances unchanged), wider rows keep their axes (a C x C rotation per query would cost as much
+  as the screen). One GEMM
   gives ``D ~ |q - g|^2 + delta_q`` (fp32 accumulation, one bfloat16 rounding of the result), where
   ``delta_q = |q|^2_hi - |q|^2`` is known exactly and shifts all of a query's entries alike.
 - ``|D - delta_q - |q - g|^2| <= u |D| + E``, ``E = 1.5 [(2u + 2^-14 + 4 C 2^-24) |q| max|g| + 2 |q_tail| max|g_tail|
-  + (2^-15 + width 2^-23) (|q|^2 + max|g|^2)] + 1e-30`` with the maxima over a tile of ``TILE`` rows (rows are sorted
+  + (2^-15 + width 2^-23) (|q|^2 + max|g|^2) + C 2^-23 |q|^2] + 1e-30`` with the maxima over a tile of ``TILE`` rows (rows are sorted
   by norm inside each image, so a tile's maximum is close to each of its rows): rounding of the coordinates to
-  bfloat16 (2^-9 each), the dropped coordinates (Cauchy-Schwarz), the two-piece norms, fp32 accumulation and the
-  rotation, with a factor 1.5 to spare. ``probe_ok`` checks the bound on random data once per process.
+  bfloat16 (2^-9 each), the dropped coordinates (Cauchy-Schwarz), the two-piece norms, fp32 accumulation, the
+  rotation and the float32 sum behind ``delta_q``, with a factor 1.5 to spare. ``probe_ok`` checks the bound on random data once per process.
 - Pass 1: per tile the minimum of D per query (bfloat16 bit patterns read as int16 keep the order of non-negative
   values; a negative D, possible only through rounding, reads as smaller than all of them and only widens the
   screen); from these an upper bound ``U`` of each query's nearest squared distance, and the tiles whose lower bound
   is within ``U``.
-- Pass 2: per image, D again for the queries with a tile kept there; the rows of kept tiles with
-  ``D - delta_q - u |D| - E <= U`` are the candidates (the nearest row always passes).
+- Pass 2: per kept tile, D again for the queries that kept it; its rows with ``D - delta_q - u |D| - E <= U`` are the
+  candidates (the nearest row always passes).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 U = 2.0**-8  # bfloat16 rounds to nearest within 2^-9 (relative); the bound uses twice that
 SAFETY = 1.5
 TILE = 256  # rows per tile: the unit of the per-tile bounds
+ROTATE_MAX = 256  # wider rows are not rotated (see GalleryScreen)
 QUERY_BLOCK = 128  # queries per GEMM: a (P x 128) bfloat16 result stays in cache
+MAC_S, TILE_CALL_S = 1 / 150e9, 50e-6  # rough seconds per bfloat16 multiply-add and per tile's calls (pass 2 plan)
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,23 +84,30 @@ class GalleryScreen:
         sq = rows.double().square().sum(dim=2)  # (N, P)
         self.order = sq.argsort(dim=1)  # screen row r of image j is rows[j, order[j, r]]
         flat = rows.reshape(-1, c)
-        _, vecs = torch.linalg.eigh((flat.T @ flat).double())
-        self.rotation = vecs.flip(1).to(torch.float32).contiguous()  # (C, C), largest variance first
         self.width = 32 * -(-c // 32)
-        self.keep = min(c, self.width - 3)
+        # three columns carry the norms: spare ones, else those of the three smallest-variance coordinates (dropped)
+        self.rotation = None
+        if c + 3 <= self.width:
+            self.slots, self.dropped = torch.arange(c, c + 3), torch.arange(0)
+        elif c <= ROTATE_MAX:  # rotated onto the principal axes, largest variance first
+            _, vecs = torch.linalg.eigh((flat.T @ flat).double())
+            self.rotation = vecs.flip(1).to(torch.float32).contiguous()
+            self.slots = self.dropped = torch.arange(c - 3, c)
+        else:  # wide rows keep their axes (a C x C rotation per query would cost as much as the screen)
+            self.slots = self.dropped = flat.double().square().sum(dim=0).argsort()[:3].sort().values
         sorted_rows = torch.gather(rows, 1, self.order.unsqueeze(2).expand(-1, -1, c))
-        rot = sorted_rows @ self.rotation  # (N, P, C)
+        rot = sorted_rows if self.rotation is None else sorted_rows @ self.rotation  # (N, P, C)
         sq = torch.gather(sq, 1, self.order)
         self.tiles = -(-p // TILE)
         p_pad = self.tiles * TILE
         aug = torch.zeros(n, p_pad, self.width, dtype=torch.bfloat16)
-        aug[:, :p, : self.keep] = (-2.0 * rot[..., : self.keep]).to(torch.bfloat16)
-        aug[:, :p, self.keep], aug[:, :p, self.keep + 1] = _split(sq)
-        aug[:, :p, self.keep + 2] = 1
-        aug[:, p:, self.keep] = 1e30  # padding rows: D = 1e30, never a candidate
+        aug[:, :p, :c] = (-2.0 * rot).to(torch.bfloat16)
+        hi, lo = _split(sq)
+        aug[:, :p, self.slots] = torch.stack([hi, lo, torch.ones_like(hi)], dim=2)
+        aug[:, p:, self.slots[0]] = 1e30  # padding rows: D = 1e30, never a candidate
         self.aug = aug
         pad = torch.zeros(n, p_pad - p, dtype=torch.float64)
-        tail = rot[..., self.keep :].double().square().sum(dim=2)
+        tail = rot[..., self.dropped].double().square().sum(dim=2)
         self.norm_max = torch.cat([sq, pad], 1).view(n, self.tiles, TILE).amax(dim=2).sqrt()  # (N, tiles)
         self.tail_max = torch.cat([tail, pad], 1).view(n, self.tiles, TILE).amax(dim=2).sqrt()
 
@@ -103,21 +115,21 @@ class GalleryScreen:
         """Augmented bfloat16 queries (Q, width), their shift ``delta_q`` (Q,) float64 and the bound ``E``
         (len(images), tiles, Q) float32 (rounded up by a relative 1e-5)."""
         c = q.shape[1]
-        rot = q @ self.rotation
-        sq = q.double().square().sum(dim=1)
+        rot = q if self.rotation is None else q @ self.rotation
+        sq = q.square().sum(dim=1).double()  # float32 sums: within C 2^-24 |q|^2, a term of E
         aug = torch.zeros(q.shape[0], self.width, dtype=torch.bfloat16)
-        aug[:, : self.keep] = rot[:, : self.keep].to(torch.bfloat16)
-        aug[:, self.keep : self.keep + 2] = 1
+        aug[:, :c] = rot
         hi = sq.to(torch.float32).to(torch.bfloat16)
-        aug[:, self.keep + 2] = hi
+        aug[:, self.slots] = torch.stack([torch.ones_like(hi), torch.ones_like(hi), hi], dim=1)
         idx = torch.as_tensor(list(images), dtype=torch.long)
         gmax, tmax = self.norm_max[idx].unsqueeze(2), self.tail_max[idx].unsqueeze(2)  # (images, tiles, 1)
         c_sq = SAFETY * (2.0**-15 + self.width * 2.0**-23)
+        c_q = c_sq + SAFETY * c * 2.0**-23  # and the float32 |q|^2 behind delta_q
         a = (SAFETY * (2 * U + 2.0**-14 + 4 * c * 2.0**-24)) * sq.sqrt()
-        b = (2 * SAFETY) * rot[:, self.keep :].double().square().sum(dim=1).sqrt()
+        b = (2 * SAFETY) * rot[:, self.dropped].double().square().sum(dim=1).sqrt()
         f32 = torch.float32  # each float32 rounding below is covered by the relative 1e-5 added at the end
         err = (gmax.to(f32) * a.to(f32)).addcmul_(tmax.to(f32), b.to(f32)).add_((c_sq * gmax**2 + 1e-30).to(f32))
-        return aug, hi.double() - sq, err.add_((c_sq * sq).to(f32)).mul_(1 + 1e-5)
+        return aug, hi.double() - sq, err.add_((c_q * sq).to(f32)).mul_(1 + 1e-5)
 
     def candidates(self, q: torch.Tensor, images: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate (query index, flat row index into ``rows.reshape(-1, C)``) pairs, each query's nearest row among
@@ -125,7 +137,7 @@ class GalleryScreen:
         images = list(images)
         aug, shift, err = self.query_terms(q, images)
         nq, n_img, nt, p_pad = q.shape[0], len(images), self.tiles, self.tiles * TILE
-        blocks = [aug[a : a + QUERY_BLOCK].T.contiguous() for a in range(0, nq, QUERY_BLOCK)]
+        blocks = [aug[a : a + QUERY_BLOCK].T for a in range(0, nq, QUERY_BLOCK)]
         mins = torch.empty(n_img, nt, nq, dtype=torch.int16)
         buf = torch.empty(p_pad * QUERY_BLOCK, dtype=torch.bfloat16)
         for k, j in enumerate(images):  # pass 1: per-tile minima
@@ -142,23 +154,53 @@ class GalleryScreen:
         kept = v.sub_(slack) <= upper  # tiles that may hold the nearest row
         upper64 = upper.double()
         out_q, out_r = [], []
+
+        def keep_rows(qs: torch.Tensor, d: torch.Tensor, k: int, j: int, t: torch.Tensor, r0: torch.Tensor) -> None:
+            """Rows of ``d`` (pairs, TILE) int16 (tile ``t``, first row ``r0`` per pair) whose D passes."""
+            # a row is a candidate when D (1 - u) <= U + E + delta_q (D >= 0; a negative D always passes)
+            lim = _bf16_at_least((upper64[qs] + err[k, t, qs].double() + shift[qs]) / (1 - U)).view(torch.int16)
+            c, r = (d <= lim[:, None]).nonzero(as_tuple=True)
+            row = r0[c] + r
+            ok = row < self.p
+            out_q.append(qs[c[ok]])
+            out_r.append(j * self.p + self.order[j, row[ok]])
+
         for k, j in enumerate(images):  # pass 2: candidate rows of the kept tiles
+            pairs = kept[k].nonzero()  # (kept, 2): tile, query
             sel = kept[k].any(dim=0).nonzero().flatten()
+            # whole image for its selected queries, or tile by tile: whichever the GEMM and call costs favour
+            n_tiles = int(kept[k].any(dim=1).sum())
+            by_tile = (n_tiles * TILE_CALL_S + pairs.shape[0] * TILE * self.width * MAC_S
+                       < sel.numel() * p_pad * self.width * MAC_S)
+            if by_tile or nt == 1:
+                for t in pairs[:, 0].unique().tolist():
+                    qs = pairs[pairs[:, 0] == t, 1]
+                    d = torch.mm(aug.index_select(0, qs), self.aug[j, t * TILE : (t + 1) * TILE].T).view(torch.int16)
+                    keep_rows(qs, d, k, j, torch.full_like(qs, t), torch.full_like(qs, t * TILE))
+                continue
             for a in range(0, sel.numel(), QUERY_BLOCK):
                 qs = sel[a : a + QUERY_BLOCK]
                 d = buf[: p_pad * qs.numel()].view(-1, p_pad)
                 torch.mm(aug[qs], self.aug[j].T, out=d)
-                tiles = d.view(torch.int16).view(-1, nt, TILE)
-                t, c = kept[k][:, qs].nonzero(as_tuple=True)
-                g = qs[c]
-                # a row is a candidate when D (1 - u) <= U + E + delta_q (D >= 0; a negative D always passes)
-                lim = _bf16_at_least((upper64[g] + err[k, t, g].double() + shift[g]) / (1 - U)).view(torch.int16)
-                pair, r = (tiles[c, t] <= lim[:, None]).nonzero(as_tuple=True)
-                row = t[pair] * TILE + r
-                ok = row < self.p
-                out_q.append(g[pair[ok]])
-                out_r.append(j * self.p + self.order[j, row[ok]])
+                c, t = kept[k][:, qs].T.nonzero(as_tuple=True)
+                keep_rows(qs[c], d.view(torch.int16).view(-1, nt, TILE)[c, t], k, j, t, t * TILE)
         return torch.cat(out_q), torch.cat(out_r)
+
+    def candidates_threaded(self, q: torch.Tensor, images: Sequence[int], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``candidates`` with the queries split over ``threads`` Python threads, each running single-threaded
+        GEMMs (fewer OpenMP fork/joins on small GEMMs when the cores are shared)."""
+        step = -(-q.shape[0] // max(1, threads))
+        starts = list(range(0, q.shape[0], step))
+        if len(starts) <= 1:
+            return self.candidates(q, images)
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(starts)) as pool:
+                parts = list(pool.map(lambda a: self.candidates(q[a : a + step], images), starts))
+        finally:
+            torch.set_num_threads(old)
+        return torch.cat([qi + a for a, (qi, _) in zip(starts, parts)]), torch.cat([r for _, r in parts])
 
 
 def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
