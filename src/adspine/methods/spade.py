@@ -50,14 +50,13 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     the winner is about ``u (|q|^2 + |g|^2)`` (u = float32 epsilon); queries whose minimum is small against it
     (near-duplicate patches) are recomputed in float64 (``refine_nearest``)."""
     q = queries.contiguous()
+    if screen is not None:
+        return screened_sq_dist(q, screen, images, threads)
     step = -(-q.shape[0] // max(1, threads))  # ceil: one slice of query rows per thread
     parts = [(a, min(a + step, q.shape[0])) for a in range(0, q.shape[0], step)]
     out = torch.empty(q.shape[0], dtype=torch.float32)
 
     def run(rows: tuple[int, int]) -> None:
-        if screen is not None:
-            out[rows[0] : rows[1]] = screened_sq_dist(q[rows[0] : rows[1]], screen, images)
-            return
         qs = q[rows[0] : rows[1]]
         n = qs.shape[0]
         best = out[rows[0] : rows[1]].fill_(float("inf"))
@@ -83,8 +82,6 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
                 list(pool.map(run, parts))
         finally:
             torch.set_num_threads(old)
-    if screen is not None:
-        return out
     # the winner g lies within d of q, so |g| <= |q| + d: the expansion's rounding error for it is about
     # u (|q|^2 + (|q| + d)^2); where that is not small against d^2, recompute in float64
     q_sq = q.square().sum(dim=1)
@@ -95,10 +92,11 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     return out
 
 
-def screened_sq_dist(queries: torch.Tensor, screen: GalleryScreen, images: Sequence[int]) -> torch.Tensor:
+def screened_sq_dist(queries: torch.Tensor, screen: GalleryScreen, images: Sequence[int],
+                     threads: int = 1) -> torch.Tensor:
     """Exact squared distance (Q,) float32 to the nearest row among ``images``: float64 differences of the screen's
     candidate rows (which always include the nearest)."""
-    qi, rows = screen.candidates(queries, images)
+    qi, rows = screen.candidates_threaded(queries, images, threads)
     flat = screen.rows.reshape(-1, queries.shape[1])
     d2 = (queries[qi].double() - flat[rows].double()).square_().sum(dim=1)
     best = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
