@@ -129,10 +129,10 @@ def spade_cost(shape: CostShape, settings: dict) -> float:
 class SPADE(AnomalyMethod):
     """Semantic pyramid anomaly detection with K nearest training images (K clipped to the training-set size)."""
 
-    # efficiency: measured 3.7 of the conv FLOP/s (benchmarks/methods_dense.py --parts calibrate, R18 K=50; GEMM
-    # search vs a small 3x3 conv)
+    # efficiency: measured 0.56 of the conv FLOP/s with the bfloat16 screen, 0.25 with the float32 search
+    # (benchmarks/methods_dense.py --parts calibrate, R18 K=50, fit + one image)
     info = MethodInfo(
-        name="spade", display="SPADE", cost=spade_cost, efficiency=0.25,
+        name="spade", display="SPADE", cost=spade_cost, efficiency=0.5,
         summary="K nearest training images, then nearest patch among their patches",
     )
 
