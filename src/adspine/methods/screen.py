@@ -82,7 +82,7 @@ class GalleryScreen:
     def __init__(self, rows: torch.Tensor) -> None:
         n, p, c = rows.shape
         self.rows, self.p = rows, p
-        sq = rows.double().square().sum(dim=2)  # (N, P)
+        sq = torch.stack([r.double().square().sum(dim=1) for r in rows])  # (N, P), one image at a time in float64
         self.order = sq.argsort(dim=1)  # screen row r of image j is rows[j, order[j, r]]
         flat = rows.reshape(-1, c)
         self.width = 32 * -(-c // 32)
@@ -95,22 +95,24 @@ class GalleryScreen:
             self.rotation = vecs.flip(1).to(torch.float32).contiguous()
             self.slots = self.dropped = torch.arange(c - 3, c)
         else:  # wide rows keep their axes (a C x C rotation per query would cost as much as the screen)
-            self.slots = self.dropped = flat.double().square().sum(dim=0).argsort()[:3].sort().values
-        sorted_rows = torch.gather(rows, 1, self.order.unsqueeze(2).expand(-1, -1, c))
-        rot = sorted_rows if self.rotation is None else sorted_rows @ self.rotation  # (N, P, C)
+            self.slots = self.dropped = flat.square().sum(dim=0).argsort()[:3].sort().values
         sq = torch.gather(sq, 1, self.order)
         self.tiles = -(-p // TILE)
         p_pad = self.tiles * TILE
         aug = torch.zeros(n, p_pad, self.width, dtype=torch.bfloat16)
-        aug[:, :p, :c] = (-2.0 * rot).to(torch.bfloat16)
+        tail = torch.zeros(n, p_pad, dtype=torch.float64)
+        for j in range(n):  # one image at a time: no full-size temporaries
+            rot = rows[j, self.order[j]]
+            rot = rot if self.rotation is None else rot @ self.rotation
+            aug[j, :p, :c] = (-2.0 * rot).to(torch.bfloat16)
+            tail[j, :p] = rot[:, self.dropped].double().square().sum(dim=1)
         hi, lo = _split(sq)
         aug[:, :p, self.slots] = torch.stack([hi, lo, torch.ones_like(hi)], dim=2)
         aug[:, p:, self.slots[0]] = 1e30  # padding rows: D = 1e30, never a candidate
         self.aug = aug
         pad = torch.zeros(n, p_pad - p, dtype=torch.float64)
-        tail = rot[..., self.dropped].double().square().sum(dim=2)
         self.norm_max = torch.cat([sq, pad], 1).view(n, self.tiles, TILE).amax(dim=2).sqrt()  # (N, tiles)
-        self.tail_max = torch.cat([tail, pad], 1).view(n, self.tiles, TILE).amax(dim=2).sqrt()
+        self.tail_max = tail.view(n, self.tiles, TILE).amax(dim=2).sqrt()
 
     def query_terms(self, q: torch.Tensor, images: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augmented bfloat16 queries (Q, width), their shift ``delta_q`` (Q,) float64 and the bound ``E``
@@ -138,8 +140,9 @@ class GalleryScreen:
         images = list(images)
         aug, shift, err = self.query_terms(q, images)
         nq, n_img, nt, p_pad = q.shape[0], len(images), self.tiles, self.tiles * TILE
-        blocks = [aug[a : a + QUERY_BLOCK].T for a in range(0, nq, QUERY_BLOCK)]
-        mins = torch.empty(n_img, nt, nq, dtype=torch.int16)
+        padded = torch.cat([aug, aug.new_zeros(_shape_step(nq) - nq, self.width)])  # zero queries, sliced off below
+        blocks = [padded[a : a + QUERY_BLOCK].T for a in range(0, padded.shape[0], QUERY_BLOCK)]
+        mins = torch.empty(n_img, nt, padded.shape[0], dtype=torch.int16)
         buf = torch.empty(p_pad * QUERY_BLOCK, dtype=torch.bfloat16)
         for k, j in enumerate(images):  # pass 1: per-tile minima
             for b, block in enumerate(blocks):
@@ -148,7 +151,7 @@ class GalleryScreen:
                 torch.mm(self.aug[j], block, out=d)
                 torch.amin(d.view(torch.int16).view(nt, TILE, w), 1, out=mins[k, :, b * QUERY_BLOCK : b * QUERY_BLOCK + w])
         # float32 bounds, each rounding covered by the relative 1e-5 on E and 1e-6 on U
-        v = mins.view(torch.bfloat16).to(torch.float32)  # (images, tiles, Q)
+        v = mins[..., :nq].view(torch.bfloat16).to(torch.float32)  # (images, tiles, Q)
         slack = v.abs().mul_(U).add_(err)
         v.sub_(shift.to(torch.float32))
         upper = (v + slack).view(-1, nq).amin(dim=0).mul_(1 + 1e-6)  # (Q,)
@@ -175,14 +178,15 @@ class GalleryScreen:
                        < sel.numel() * p_pad * self.width * MAC_S)
             if by_tile or nt == 1:
                 for t in pairs[:, 0].unique().tolist():
-                    qs = pairs[pairs[:, 0] == t, 1]
-                    d = torch.mm(aug.index_select(0, qs), self.aug[j, t * TILE : (t + 1) * TILE].T).view(torch.int16)
-                    keep_rows(qs, d, k, j, torch.full_like(qs, t), torch.full_like(qs, t * TILE))
+                    tile_qs = pairs[pairs[:, 0] == t, 1]
+                    for a in range(0, tile_qs.numel(), QUERY_BLOCK):
+                        qs = tile_qs[a : a + QUERY_BLOCK]
+                        d = _mm_rows(aug, qs, self.aug[j, t * TILE : (t + 1) * TILE].T).view(torch.int16)
+                        keep_rows(qs, d, k, j, torch.full_like(qs, t), torch.full_like(qs, t * TILE))
                 continue
             for a in range(0, sel.numel(), QUERY_BLOCK):
                 qs = sel[a : a + QUERY_BLOCK]
-                d = buf[: p_pad * qs.numel()].view(-1, p_pad)
-                torch.mm(aug[qs], self.aug[j].T, out=d)
+                d = _mm_rows(aug, qs, self.aug[j].T)
                 c, t = kept[k][:, qs].T.nonzero(as_tuple=True)
                 keep_rows(qs[c], d.view(torch.int16).view(-1, nt, TILE)[c, t], k, j, t, t * TILE)
         return torch.cat(out_q), torch.cat(out_r)
@@ -204,6 +208,18 @@ class GalleryScreen:
         finally:
             torch.set_num_threads(old)
         return torch.cat([qi + a for a, (qi, _) in zip(starts, parts)]), torch.cat([r for _, r in parts])
+
+
+def _shape_step(n: int) -> int:
+    """``n`` rounded up to a multiple of 32: GEMMs see a few shapes only (oneDNN keeps ~0.7 MB per shape it met)."""
+    return 32 * -(-n // 32)
+
+
+def _mm_rows(a: torch.Tensor, rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[rows] @ b`` computed on ``rows`` padded to ``_shape_step`` rows (repeating the last), the padding cut off."""
+    n = rows.numel()
+    padded = torch.cat([rows, rows[-1:].expand(_shape_step(n) - n)])
+    return torch.mm(a.index_select(0, padded), b)[:n]
 
 
 def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
