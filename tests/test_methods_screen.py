@@ -59,6 +59,13 @@ def test_candidates_hold_the_nearest_row(n, p, c, call_s, monkeypatch):
     assert qi.numel() < 0.25 * len(queries) * n * p or n * p < 300  # it screens, not only passes everything
 
 
+def test_queries_in_chunks_give_the_exact_nearest(monkeypatch):
+    rows, queries = _gallery(3, 120, 20, seed=5)
+    monkeypatch.setattr(scr, "QUERY_CHUNK", 16)  # 70 queries: 5 chunks, the last one short
+    got = screened_sq_dist(queries, scr.GalleryScreen(rows), [0, 1, 2]).double().numpy()
+    np.testing.assert_allclose(got, _brute(queries, rows.reshape(-1, 20)), rtol=1e-6, atol=1e-9)
+
+
 def test_subset_of_images_only_searches_those_images():
     rows, queries = _gallery(5, 200, 24, seed=3)
     screen = scr.GalleryScreen(rows)
