@@ -46,8 +46,8 @@ def _gallery(n, p, c, seed, offset=0.0):
 
 
 @pytest.mark.parametrize("call_s", [0.0, 1.0])  # pass 2 tile by tile / whole images
-@pytest.mark.parametrize("n, p, c", [(4, 300, 16), (3, 257, 64), (5, 49, 30), (2, 600, 100), (3, 130, 128), (2, 70, 320),
-                                     (1, 1, 3)])
+@pytest.mark.parametrize("n, p, c", [(4, 300, 16), (3, 257, 64), (5, 49, 30), (2, 600, 100), (3, 130, 128),
+                                     (2, 70, 320), (1, 1, 3)])
 def test_candidates_hold_the_nearest_row(n, p, c, call_s, monkeypatch):
     monkeypatch.setattr(scr, "TILE_CALL_S", call_s)
     rows, queries = _gallery(n, p, c, seed=c + p, offset=40.0)

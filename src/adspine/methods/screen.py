@@ -16,10 +16,11 @@ How the guarantee is kept (``u = 2^-8``, twice bfloat16's rounding of 2^-9):
   gives ``D ~ |q - g|^2 + delta_q`` (fp32 accumulation, one bfloat16 rounding of the result), where
   ``delta_q = |q|^2_hi - |q|^2`` is known exactly and shifts all of a query's entries alike.
 - ``|D - delta_q - |q - g|^2| <= u |D| + E``, ``E = 1.5 [(2u + 2^-14 + 4 C 2^-24) |q| max|g| + 2 |q_tail| max|g_tail|
-  + (2^-15 + width 2^-23) (|q|^2 + max|g|^2) + C 2^-23 |q|^2] + 1e-30`` with the maxima over a tile of ``TILE`` rows (rows are sorted
-  by norm inside each image, so a tile's maximum is close to each of its rows): rounding of the coordinates to
-  bfloat16 (2^-9 each), the dropped coordinates (Cauchy-Schwarz), the two-piece norms, fp32 accumulation, the
-  rotation and the float32 sum behind ``delta_q``, with a factor 1.5 to spare. ``probe_ok`` checks the bound on random data once per process.
+  + (2^-15 + width 2^-23) (|q|^2 + max|g|^2) + C 2^-23 |q|^2] + 1e-30`` with the maxima over a tile of ``TILE``
+  rows (rows are sorted by norm inside each image, so a tile's maximum is close to each of its rows): rounding of the
+  coordinates to bfloat16 (2^-9 each), the dropped coordinates (Cauchy-Schwarz), the two-piece norms, fp32
+  accumulation, the rotation and the float32 sum behind ``delta_q``, with a factor 1.5 to spare. ``probe_ok`` checks
+  the bound on random data once per process.
 - Pass 1: per tile the minimum of D per query (bfloat16 bit patterns read as int16 keep the order of non-negative
   values; a negative D, possible only through rounding, reads as smaller than all of them and only widens the
   screen); from these an upper bound ``U`` of each query's nearest squared distance, and the tiles whose lower bound
@@ -154,7 +155,8 @@ class GalleryScreen:
                 w = block.shape[1]
                 d = buf[: p_pad * w].view(p_pad, w)
                 torch.mm(self.aug[j], block, out=d)
-                torch.amin(d.view(torch.int16).view(nt, TILE, w), 1, out=mins[k, :, b * QUERY_BLOCK : b * QUERY_BLOCK + w])
+                cols = slice(b * QUERY_BLOCK, b * QUERY_BLOCK + w)
+                torch.amin(d.view(torch.int16).view(nt, TILE, w), 1, out=mins[k, :, cols])
         # float32 bounds, each rounding covered by the relative 1e-5 on E and 1e-6 on U
         v = mins[..., :nq].view(torch.bfloat16).to(torch.float32)  # (images, tiles, Q)
         slack = v.abs().mul_(U).add_(err)
@@ -196,7 +198,8 @@ class GalleryScreen:
                 keep_rows(qs[c], d.view(torch.int16).view(-1, nt, TILE)[c, t], k, j, t, t * TILE)
         return torch.cat(out_q), torch.cat(out_r)
 
-    def candidates_threaded(self, q: torch.Tensor, images: Sequence[int], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates_threaded(self, q: torch.Tensor, images: Sequence[int],
+                            threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``candidates`` on ``threads`` cores: large searches split the queries over Python threads that each run
         single-threaded GEMMs (fewer OpenMP fork/joins on small GEMMs when the cores are shared); small ones, whose
         time goes to per-call overhead that threads would contend for (the GIL), run single-threaded here."""

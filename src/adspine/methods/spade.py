@@ -8,7 +8,7 @@
 - The method needs every training feature: fit keeps all per-layer patch features (float32), centred on their
   per-layer mean (distances do not change; the ``|q|^2 + |g|^2 - 2 q.g`` expansion below loses far fewer digits),
   and their squared norms.
-- Nearest-patch search (``nearest_patch_sq_dist``), exact either way; the queries are split over
+- Nearest-patch search (``nearest_patch_sq_dist``), exact either way; the queries of large searches are split over
   ``torch.get_num_threads()`` Python threads that each run single-threaded BLAS (measured here: fewer OpenMP
   fork/joins on small GEMMs when the cores are shared):
   - where the CPU multiplies bfloat16 in hardware (AMX / AVX512-BF16), a bfloat16 GEMM with a proven error bound
