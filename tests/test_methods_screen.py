@@ -17,8 +17,10 @@ from adspine.methods.spade import SPADE, nearest_patch_sq_dist, screened_sq_dist
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _threads(monkeypatch):
     mf.set_threads()
+    monkeypatch.setattr(scr, "MIN_MACS", 0)  # screen even these small searches
+    monkeypatch.setattr(scr, "MAX_KEPT", 1.0)  # and every query (the fallback has its own test)
 
 
 def test_bound_holds_for_this_builds_gemm():
@@ -53,26 +55,28 @@ def test_candidates_hold_the_nearest_row(n, p, c, call_s, monkeypatch):
     rows, queries = _gallery(n, p, c, seed=c + p, offset=40.0)
     screen = scr.GalleryScreen(rows)
     images = list(range(n))[::-1]
-    got = screened_sq_dist(queries, screen, images).double().numpy()
+    got, unscreened = screened_sq_dist(queries, screen, images)
+    assert unscreened.numel() == 0
+    got = got.double().numpy()
     want = _brute(queries, rows[images].reshape(-1, c))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
-    qi, flat_rows = screen.candidates(queries, images)
+    qi, flat_rows, _ = screen.candidates(queries, images)
     assert qi.numel() < 0.25 * len(queries) * n * p or n * p < 300  # it screens, not only passes everything
 
 
 def test_queries_in_chunks_give_the_exact_nearest(monkeypatch):
     rows, queries = _gallery(3, 120, 20, seed=5)
     monkeypatch.setattr(scr, "QUERY_CHUNK", 16)  # 70 queries: 5 chunks, the last one short
-    got = screened_sq_dist(queries, scr.GalleryScreen(rows), [0, 1, 2]).double().numpy()
+    got = screened_sq_dist(queries, scr.GalleryScreen(rows), [0, 1, 2])[0].double().numpy()
     np.testing.assert_allclose(got, _brute(queries, rows.reshape(-1, 20)), rtol=1e-6, atol=1e-9)
 
 
 def test_subset_of_images_only_searches_those_images():
     rows, queries = _gallery(5, 200, 24, seed=3)
     screen = scr.GalleryScreen(rows)
-    qi, flat_rows = screen.candidates(queries, [3, 1])
+    qi, flat_rows, _ = screen.candidates(queries, [3, 1])
     assert set((flat_rows // 200).tolist()) <= {1, 3}
-    got = screened_sq_dist(queries, screen, [3, 1]).double().numpy()
+    got = screened_sq_dist(queries, screen, [3, 1])[0].double().numpy()
     np.testing.assert_allclose(got, _brute(queries, rows[[3, 1]].reshape(-1, 24)), rtol=1e-6, atol=1e-9)
 
 
@@ -95,3 +99,16 @@ def test_spade_maps_equal_with_and_without_the_screen():
     plain = model.predict(test, (32, 32))
     np.testing.assert_allclose(screened.maps, plain.maps, rtol=2e-5, atol=1e-6)
     np.testing.assert_array_equal(screened.scores, plain.scores)
+
+
+def test_features_without_structure_fall_back_to_the_float32_search(monkeypatch):
+    """i.i.d. noise in 64-d: all distances alike, the screen keeps most tiles; those queries come back unscreened
+    and the float32 search answers them, exactly as without the screen."""
+    monkeypatch.setattr(scr, "MAX_KEPT", 0.05)
+    gen = torch.Generator().manual_seed(11)
+    rows, queries = torch.randn(6, 512, 64, generator=gen), torch.randn(80, 64, generator=gen)
+    screen = scr.GalleryScreen(rows)
+    _, _, unscreened = screen.candidates(queries, range(6))
+    assert unscreened.numel() > 40
+    got = nearest_patch_sq_dist(queries, rows, rows.square().sum(2), list(range(6)), threads=2, screen=screen)
+    np.testing.assert_allclose(got.double().numpy(), _brute(queries, rows.reshape(-1, 64)), rtol=1e-4, atol=1e-6)

@@ -26,7 +26,9 @@ How the guarantee is kept (``u = 2^-8``, twice bfloat16's rounding of 2^-9):
   screen); from these an upper bound ``U`` of each query's nearest squared distance, and the tiles whose lower bound
   is within ``U``.
 - Pass 2: per kept tile, D again for the queries that kept it; its rows with ``D - delta_q - u |D| - E <= U`` are the
-  candidates (the nearest row always passes).
+  candidates (the nearest row always passes). A query keeping more than ``MAX_KEPT`` of the tiles (features without
+  structure, where all distances are alike) is handed back unscreened, and small searches (``MIN_MACS``) are not
+  worth a screen: the caller searches those in float32.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ SAFETY = 1.5
 TILE = 256  # rows per tile: the unit of the per-tile bounds
 ROTATE_MAX = 256  # wider rows are not rotated (see GalleryScreen)
 QUERY_BLOCK = 256  # queries per GEMM (measured: 256 beats 128 by ~15%, 512 gains little more)
+MAX_KEPT = 0.05  # fraction of a query's tiles above which it is searched without the screen (~0.6 % on CNN features)
+MIN_MACS = 2 * 10**9  # brute-force multiply-adds below which the float32 search is as fast (per-call overhead)
 QUERY_CHUNK = 4096  # queries per candidates() pass (its bounds take ~12 bytes per query, image and tile)
 SPLIT_MACS = 10**10  # pass-1 multiply-adds per Python thread below which splitting the queries does not pay
 MAC_S, TILE_CALL_S = 1 / 150e9, 50e-6  # rough seconds per bfloat16 multiply-add and per tile's calls (pass 2 plan)
@@ -137,13 +141,14 @@ class GalleryScreen:
         err = (gmax.to(f32) * a.to(f32)).addcmul_(tmax.to(f32), b.to(f32)).add_((c_sq * gmax**2 + 1e-30).to(f32))
         return aug, hi.double() - sq, err.add_((c_q * sq).to(f32)).mul_(1 + 1e-5)
 
-    def candidates(self, q: torch.Tensor, images: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate (query index, flat row index into ``rows.reshape(-1, C)``) pairs, each query's nearest row among
-        ``images`` included; single-threaded (run one call per thread)."""
+    def candidates(self, q: torch.Tensor, images: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidate (query index, flat row index into ``rows.reshape(-1, C)``) pairs, each screened query's nearest
+        row among ``images`` included, and the queries left unscreened (more than ``MAX_KEPT`` of the tiles passed:
+        search those another way); single-threaded (run one call per thread)."""
         images = list(images)
         if q.shape[0] > QUERY_CHUNK:  # bounds are (images, tiles, queries): cap their memory on large images
-            parts = [(a, self.candidates(q[a : a + QUERY_CHUNK], images)) for a in range(0, q.shape[0], QUERY_CHUNK)]
-            return torch.cat([qi + a for a, (qi, _) in parts]), torch.cat([r for _, (_, r) in parts])
+            return _joined([(a, self.candidates(q[a : a + QUERY_CHUNK], images))
+                            for a in range(0, q.shape[0], QUERY_CHUNK)])
         aug, shift, err = self.query_terms(q, images)
         nq, n_img, nt, p_pad = q.shape[0], len(images), self.tiles, self.tiles * TILE
         padded = torch.cat([aug, aug.new_zeros(_shape_step(nq) - nq, self.width)])  # zero queries, sliced off below
@@ -163,6 +168,9 @@ class GalleryScreen:
         v.sub_(shift.to(torch.float32))
         upper = (v + slack).view(-1, nq).amin(dim=0).mul_(1 + 1e-6)  # (Q,)
         kept = v.sub_(slack) <= upper  # tiles that may hold the nearest row
+        # a query keeping many tiles (features without structure: distances all alike) is not worth screening
+        unscreened = (kept.view(-1, nq).sum(dim=0) > MAX_KEPT * n_img * nt).nonzero().flatten()
+        kept[:, :, unscreened] = False
         upper64 = upper.double()
         out_q, out_r = [], []
 
@@ -196,10 +204,11 @@ class GalleryScreen:
                 d = _mm_rows(aug, qs, self.aug[j].T)
                 c, t = kept[k][:, qs].T.nonzero(as_tuple=True)
                 keep_rows(qs[c], d.view(torch.int16).view(-1, nt, TILE)[c, t], k, j, t, t * TILE)
-        return torch.cat(out_q), torch.cat(out_r)
+        empty = torch.empty(0, dtype=torch.long)
+        return torch.cat([empty, *out_q]), torch.cat([empty, *out_r]), unscreened
 
     def candidates_threaded(self, q: torch.Tensor, images: Sequence[int],
-                            threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``candidates`` on ``threads`` cores: large searches split the queries over Python threads that each run
         single-threaded GEMMs (fewer OpenMP fork/joins on small GEMMs when the cores are shared); small ones, whose
         time goes to per-call overhead that threads would contend for (the GIL), run single-threaded here."""
@@ -215,7 +224,13 @@ class GalleryScreen:
                 parts = list(pool.map(lambda a: self.candidates(q[a : a + step], images), starts))
         finally:
             torch.set_num_threads(old)
-        return torch.cat([qi + a for a, (qi, _) in zip(starts, parts)]), torch.cat([r for _, r in parts])
+        return _joined(list(zip(starts, parts)))
+
+
+def _joined(parts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``candidates`` results of query slices starting at the given offsets, as one."""
+    return (torch.cat([qi + a for a, (qi, _, _) in parts]), torch.cat([r for _, (_, r, _) in parts]),
+            torch.cat([u + a for a, (_, _, u) in parts]))
 
 
 def _shape_step(n: int) -> int:

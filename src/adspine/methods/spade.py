@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from adspine.methods import knn
 from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Prediction
 from adspine.methods.postprocess import DEFAULT_SIGMA, gaussian_blur
+from adspine.methods import screen as screening
 from adspine.methods.screen import GalleryScreen, fast_bf16
 
 GALLERY_BLOCK = 256  # gallery rows per GEMM block: (queries x 256) float32 buffer stays in cache
@@ -50,8 +51,11 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     the winner is about ``u (|q|^2 + |g|^2)`` (u = float32 epsilon); queries whose minimum is small against it
     (near-duplicate patches) are recomputed in float64 (``refine_nearest``)."""
     q = queries.contiguous()
-    if screen is not None:
-        return screened_sq_dist(q, screen, images, threads)
+    if screen is not None and q.shape[0] * len(images) * gallery.shape[1] * gallery.shape[2] >= screening.MIN_MACS:
+        out, unscreened = screened_sq_dist(q, screen, images, threads)
+        if unscreened.numel():
+            out[unscreened] = nearest_patch_sq_dist(q[unscreened], gallery, gallery_sq, images, threads, block)
+        return out
     step = -(-q.shape[0] // max(1, threads))  # ceil: one slice of query rows per thread
     parts = [(a, min(a + step, q.shape[0])) for a in range(0, q.shape[0], step)]
     out = torch.empty(q.shape[0], dtype=torch.float32)
@@ -93,14 +97,14 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
 
 
 def screened_sq_dist(queries: torch.Tensor, screen: GalleryScreen, images: Sequence[int],
-                     threads: int = 1) -> torch.Tensor:
+                     threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact squared distance (Q,) float32 to the nearest row among ``images``: float64 differences of the screen's
-    candidate rows (which always include the nearest)."""
-    qi, rows = screen.candidates_threaded(queries, images, threads)
+    candidate rows (which always include the nearest); and the queries the screen left out (their entries: inf)."""
+    qi, rows, unscreened = screen.candidates_threaded(queries, images, threads)
     flat = screen.rows.reshape(-1, queries.shape[1])
     d2 = (queries[qi].double() - flat[rows].double()).square_().sum(dim=1)
     best = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
-    return best.scatter_reduce_(0, qi, d2, "amin").float()
+    return best.scatter_reduce_(0, qi, d2, "amin").float(), unscreened
 
 
 def refine_nearest(queries: torch.Tensor, gallery: torch.Tensor, images: Sequence[int],
