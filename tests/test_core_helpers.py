@@ -72,11 +72,15 @@ def test_blur_equals_scipy_gaussian_filter(shape):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_patch_scores_to_map_bilinear_then_blur():
-    s = torch.rand(1, 7, 7)
-    up = torch.nn.functional.interpolate(s[:, None], size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
-    ref = gaussian_filter(up[0].double().numpy(), 4.0, mode="reflect", truncate=4.0)
-    np.testing.assert_allclose(patch_scores_to_map(s, (28, 28))[0].numpy(), ref, atol=1e-5)
+@pytest.mark.parametrize("grid, size, sigma", [((7, 7), (28, 28), 4.0), ((7, 9), (30, 50), 4.0),
+                                               ((28, 28), (224, 224), 4.0), ((5, 6), (5, 6), 2.0),
+                                               ((6, 4), (24, 16), 0.0)])
+def test_patch_scores_to_map_bilinear_then_blur(grid, size, sigma):
+    s = torch.rand(2, *grid)
+    up = torch.nn.functional.interpolate(s[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].double()
+    ref = np.stack([gaussian_filter(u.numpy(), sigma, mode="reflect", truncate=4.0) if sigma else u.numpy()
+                    for u in up])
+    np.testing.assert_allclose(patch_scores_to_map(s, size, sigma).numpy(), ref, atol=1e-5)
 
 
 def test_store_roundtrip_replaces_rows_and_rejects_unknown_columns(tmp_path):

@@ -20,7 +20,7 @@ from adspine.methods.patchcore import (  # noqa: E402
     aggregate,
     greedy_coreset,
 )
-from adspine.methods.knn import NearestBank  # noqa: E402
+from adspine.methods.knn import PRECISIONS, NearestBank  # noqa: E402
 from adspine.methods.postprocess import patch_scores_to_map  # noqa: E402
 
 SIZE = (32, 32)
@@ -76,10 +76,11 @@ def _search_data(kind: str):
     return bank, queries  # queries: off-subspace, exactly in the subspace, bank rows (distance 0)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("kind", ["isotropic", "low_rank", "low_rank_offset"])
-def test_pruned_search_equals_float64_bruteforce(kind):
+def test_pruned_search_equals_float64_bruteforce(kind, precision):
     bank, queries = _search_data(kind)
-    search = NearestBank(bank, components=8, leaf=8, block=64)  # 3 blocks, a short last run
+    search = NearestBank(bank, components=8, leaf=8, block=64, precision=precision)  # 3 blocks, a short last run
     d2, idx = search.search(queries)
     want_d2, want_idx = _bruteforce(bank, queries)
     assert idx.tolist() == want_idx.tolist()
@@ -89,7 +90,8 @@ def test_pruned_search_equals_float64_bruteforce(kind):
         assert search.last_candidates < 30, search.last_candidates
 
 
-def test_pruned_search_ties_and_duplicates_give_the_exact_minimum_and_first_index():
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_pruned_search_ties_and_duplicates_give_the_exact_minimum_and_first_index(precision):
     gen = torch.Generator().manual_seed(3)
     base = torch.randint(-4, 5, (40, 16), generator=gen).float()  # integers: every distance exact in float32
     bank = torch.cat([base, base[:10], base[5:15]])[torch.randperm(60, generator=gen)]  # duplicated rows
@@ -99,10 +101,49 @@ def test_pruned_search_ties_and_duplicates_give_the_exact_minimum_and_first_inde
     twin[:, 0] += 2.0
     bank = torch.cat([bank, twin])
     queries = torch.cat([base, mid, torch.zeros(3, 16)])
-    d2, idx = NearestBank(bank, components=4, leaf=8, block=16).search(queries)
+    d2, idx = NearestBank(bank, components=4, leaf=8, block=16, precision=precision).search(queries)
     want_d2, want_idx = _bruteforce(bank, queries)
     np.testing.assert_array_equal(d2.numpy(), want_d2)
     assert idx.tolist() == want_idx.tolist()
+
+
+def _near_tie_data(n_bank: int = 700, dim: int = 96):
+    """Non-negative, offset features (like ReLU maps) with rows a hair apart: bfloat16 cannot tell them apart."""
+    gen = torch.Generator().manual_seed(11)
+    bank = torch.relu(torch.randn(n_bank, dim, generator=gen) + 0.5) * (1 + torch.rand(n_bank, 1, generator=gen))
+    bank[1::2] = bank[::2] + 1e-3 * torch.randn(n_bank // 2, dim, generator=gen)  # pairs of near-duplicates
+    queries = bank[::2][:150] + 3e-4 * torch.randn(150, dim, generator=gen)
+    return bank + 3.0, torch.cat([queries + 3.0, torch.relu(torch.randn(50, dim, generator=gen)) + 3.0])
+
+
+def test_bfloat16_search_on_offset_near_duplicates_equals_float64_bruteforce():
+    bank, queries = _near_tie_data()
+    search = NearestBank(bank, components=60, leaf=32, block=128, precision="bfloat16")  # 2 bands, 2 blocks
+    d2, idx = search.search(queries)
+    want_d2, want_idx = _bruteforce(bank, queries)
+    assert idx.tolist() == want_idx.tolist()
+    np.testing.assert_allclose(d2.numpy(), want_d2, rtol=1e-5, atol=1e-9)
+
+
+def test_bfloat16_search_without_its_error_bound_misses_nearest_rows(monkeypatch):
+    """The data above needs the bound: with the rounding allowance set to zero the screen drops true neighbours."""
+    from adspine.methods import knn, screen
+
+    monkeypatch.setattr(screen, "U", 0.0)
+    monkeypatch.setattr(knn, "LB_SLACK", 0.0)
+    monkeypatch.setattr(screen, "bound_coefficients", lambda c, width: (0.0, 0.0, 0.0))
+    bank, queries = _near_tie_data()
+    _, idx = NearestBank(bank, components=60, leaf=32, block=128, precision="bfloat16").search(queries)
+    assert idx.tolist() != _bruteforce(bank, queries)[1].tolist()
+
+
+def test_pruned_search_precision_choice():
+    from adspine.methods.screen import fast_bf16
+
+    bank = torch.randn(50, 8)
+    assert NearestBank(bank).precision == ("bfloat16" if fast_bf16() else "float32")
+    with pytest.raises(ValueError, match="precision must be auto, float32 or bfloat16, got 'half'"):
+        NearestBank(bank, precision="half")
 
 
 def test_pruned_search_rejects_wrong_query_width():

@@ -83,6 +83,15 @@ def probe_ok(seed: int = 0) -> bool:
     return True
 
 
+def bound_coefficients(c: int, width: int) -> tuple[float, float, float]:
+    """Coefficients of the screen's error bound (see the module) for ``c`` coordinates in rows of ``width``:
+    ``E = c_qg |q| |g| + c_sq |g|^2 + c_q |q|^2`` before the dropped coordinates' term (``|q|``, ``|g|``: norms of
+    the vectors whose coordinates are multiplied; ``c_q`` also covers the float32 ``|q|^2`` behind ``delta_q``)."""
+    c_qg = SAFETY * (2 * U + 2.0**-14 + 4 * c * 2.0**-24)  # bfloat16 inputs, fp32 accumulation, rotation
+    c_sq = SAFETY * (2.0**-15 + width * 2.0**-23)  # two-piece norms, accumulation of the norm columns
+    return c_qg, c_sq, c_sq + SAFETY * c * 2.0**-23
+
+
 class GalleryScreen:
     """bfloat16 screen of a gallery ``rows`` (N, P, C) float32 (centred; kept, not copied) - see the module."""
 
@@ -113,7 +122,7 @@ class GalleryScreen:
             rot = rot if self.rotation is None else rot @ self.rotation
             aug[j, :p, :c] = (-2.0 * rot).to(torch.bfloat16)
             tail[j, :p] = rot[:, self.dropped].double().square().sum(dim=1)
-        hi, lo = _split(sq)
+        hi, lo = split_bf16(sq)
         aug[:, :p, self.slots] = torch.stack([hi, lo, torch.ones_like(hi)], dim=2)
         aug[:, p:, self.slots[0]] = 1e30  # padding rows: D = 1e30, never a candidate
         self.aug = aug
@@ -133,9 +142,8 @@ class GalleryScreen:
         aug[:, self.slots] = torch.stack([torch.ones_like(hi), torch.ones_like(hi), hi], dim=1)
         idx = torch.as_tensor(list(images), dtype=torch.long)
         gmax, tmax = self.norm_max[idx].unsqueeze(2), self.tail_max[idx].unsqueeze(2)  # (images, tiles, 1)
-        c_sq = SAFETY * (2.0**-15 + self.width * 2.0**-23)
-        c_q = c_sq + SAFETY * c * 2.0**-23  # and the float32 |q|^2 behind delta_q
-        a = (SAFETY * (2 * U + 2.0**-14 + 4 * c * 2.0**-24)) * sq.sqrt()
+        c_qg, c_sq, c_q = bound_coefficients(c, self.width)
+        a = c_qg * sq.sqrt()
         b = (2 * SAFETY) * rot[:, self.dropped].double().square().sum(dim=1).sqrt()
         f32 = torch.float32  # each float32 rounding below is covered by the relative 1e-5 added at the end
         err = (gmax.to(f32) * a.to(f32)).addcmul_(tmax.to(f32), b.to(f32)).add_((c_sq * gmax**2 + 1e-30).to(f32))
@@ -151,7 +159,7 @@ class GalleryScreen:
                             for a in range(0, q.shape[0], QUERY_CHUNK)])
         aug, shift, err = self.query_terms(q, images)
         nq, n_img, nt, p_pad = q.shape[0], len(images), self.tiles, self.tiles * TILE
-        padded = torch.cat([aug, aug.new_zeros(_shape_step(nq) - nq, self.width)])  # zero queries, sliced off below
+        padded = torch.cat([aug, aug.new_zeros(shape_step(nq) - nq, self.width)])  # zero queries, sliced off below
         blocks = [padded[a : a + QUERY_BLOCK].T for a in range(0, padded.shape[0], QUERY_BLOCK)]
         mins = torch.empty(n_img, nt, padded.shape[0], dtype=torch.int16)
         buf = torch.empty(p_pad * QUERY_BLOCK, dtype=torch.bfloat16)
@@ -177,7 +185,7 @@ class GalleryScreen:
         def keep_rows(qs: torch.Tensor, d: torch.Tensor, k: int, j: int, t: torch.Tensor, r0: torch.Tensor) -> None:
             """Rows of ``d`` (pairs, TILE) int16 (tile ``t``, first row ``r0`` per pair) whose D passes."""
             # a row is a candidate when D (1 - u) <= U + E + delta_q (D >= 0; a negative D always passes)
-            lim = _bf16_at_least((upper64[qs] + err[k, t, qs].double() + shift[qs]) / (1 - U)).view(torch.int16)
+            lim = bf16_at_least((upper64[qs] + err[k, t, qs].double() + shift[qs]) / (1 - U)).view(torch.int16)
             c, r = (d <= lim[:, None]).nonzero(as_tuple=True)
             row = r0[c] + r
             ok = row < self.p
@@ -233,27 +241,26 @@ def _joined(parts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.cat([u + a for a, (_, _, u) in parts]))
 
 
-def _shape_step(n: int) -> int:
+def shape_step(n: int) -> int:
     """``n`` rounded up to a multiple of 32: GEMMs see a few shapes only (oneDNN keeps ~0.7 MB per shape it met)."""
     return 32 * -(-n // 32)
 
 
 def _mm_rows(a: torch.Tensor, rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a[rows] @ b`` computed on ``rows`` padded to ``_shape_step`` rows (repeating the last), the padding cut off."""
+    """``a[rows] @ b`` computed on ``rows`` padded to ``shape_step`` rows (repeating the last), the padding cut off."""
     n = rows.numel()
-    padded = torch.cat([rows, rows[-1:].expand(_shape_step(n) - n)])
+    padded = torch.cat([rows, rows[-1:].expand(shape_step(n) - n)])
     return torch.mm(a.index_select(0, padded), b)[:n]
 
 
-def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 -> two bfloat16 pieces whose sum is within 2^-16 |x| of x."""
     hi = x.to(torch.float32).to(torch.bfloat16)
     return hi, (x - hi.double()).to(torch.float32).to(torch.bfloat16)
 
 
-def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
+def bf16_at_least(x: torch.Tensor) -> torch.Tensor:
     """The smallest bfloat16 >= each (non-negative) value."""
     b = x.to(torch.float32).to(torch.bfloat16)
-    bits = b.view(torch.int16)
-    bits[b.double() < x] += 1  # next representable value above (positive numbers: consecutive bit patterns)
-    return bits.view(torch.bfloat16)
+    up = (b.to(x.dtype) < x).to(torch.int16)  # next representable value above (positive: consecutive bit patterns)
+    return (b.view(torch.int16) + up).view(torch.bfloat16)

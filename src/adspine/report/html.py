@@ -161,7 +161,8 @@ def render(ctx: dict) -> str:
         if rec.fit_command:
             sec.append(f"<p>Build it:</p><pre>{escape(rec.fit_command)}</pre>")
     sec.append('<p class="muted">Latency = backbone forward ms/img at batch 1 + method predict ms/img, each the '
-               "minimum over short repeats where stored (median over jobs). Quality = mean image ROC-AUC over "
+               "minimum over short repeats and over the jobs that timed it, where stored. Quality = mean image "
+               "ROC-AUC over "
                "categories (mean over Rd seeds).</p></section>")
     parts.append("".join(sec))
 

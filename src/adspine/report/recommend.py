@@ -1,8 +1,9 @@
 """Recommendation: the best backbone + method under a per-image latency budget, in plain words.
 
 Latency of a configuration = backbone forward ms/img at batch 1 + the method's predict ms/img, each the minimum over
-short repeats where the store has it (see ``tables.ranking``). Candidates are ranked by mean image AUROC, then pixel AUROC, then speed. Configurations without a measured
-latency cannot be checked against a budget and are left out of it.
+short repeats and jobs where the store has it (see ``tables.ranking``). Candidates are ranked by mean image AUROC,
+then pixel AUROC, then speed. Configurations without a measured latency cannot be checked against a budget and are
+left out of it.
 """
 
 from __future__ import annotations
