@@ -216,25 +216,28 @@ class NearestBank:
 
     def _search_bf16(self, q: torch.Tensor, q_np: np.ndarray, d2: torch.Tensor, idx: torch.Tensor) -> int:
         """bfloat16 mode of ``search`` (writes ``d2``, ``idx``; returns the number of candidates): blocks of queries
-        spread over Python threads that each run single-threaded (measured ~10 % faster than
-        one thread pool splitting every op: most ops here are too small to split)."""
+        spread over Python threads that each run single-threaded (measured ~10 % faster than one thread pool
+        splitting every op: most ops here are too small to split)."""
         n, threads = q.shape[0], torch.get_num_threads()
         parts = threads * -(-n // (threads * self.block))  # blocks of at most ``block``, a multiple of the threads
         step = -(-n // parts)
         starts = list(range(0, n, step))
 
         def run(i: int) -> int:
-            faiss.omp_set_num_threads(1)  # this thread's OpenMP setting (the pairwise distances)
             rows = slice(i, min(i + step, n))
             qi, cj = self._candidates_bf16(q_np, q[rows], i)
             return self._exact(q_np, i, qi, cj, d2[rows], idx[rows])
+
+        def run_in_worker(i: int) -> int:
+            faiss.omp_set_num_threads(1)  # this worker thread's OpenMP setting (the pairwise distances)
+            return run(i)
 
         if threads == 1 or len(starts) == 1:
             return sum(run(i) for i in starts)
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                return sum(pool.map(run, starts))
+                return sum(pool.map(run_in_worker, starts))
         finally:
             torch.set_num_threads(threads)
 
