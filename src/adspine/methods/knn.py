@@ -6,14 +6,13 @@ clamped at 0 against the rounding of faiss' ``|x|^2 + |y|^2 - 2 x.y`` formulatio
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from adspine.methods import screen as screening
+from adspine.methods.threads import map_one_thread_each
 
 LB_SLACK = 1e-5  # lower bounds lowered by this fraction of |x|^2 + |y|^2 (float32 GEMM rounding is ~1e-7)
 RESIDUAL_SLACK = 1e-4  # residual norms rounded up: r^2 + this fraction of |x|^2
@@ -228,18 +227,9 @@ class NearestBank:
             qi, cj = self._candidates_bf16(q_np, q[rows], i)
             return self._exact(q_np, i, qi, cj, d2[rows], idx[rows])
 
-        def run_in_worker(i: int) -> int:
-            faiss.omp_set_num_threads(1)  # this worker thread's OpenMP setting (the pairwise distances)
-            return run(i)
-
         if threads == 1 or len(starts) == 1:
             return sum(run(i) for i in starts)
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                return sum(pool.map(run_in_worker, starts))
-        finally:
-            torch.set_num_threads(threads)
+        return sum(map_one_thread_each(run, starts, workers=threads))
 
     def _upper(self, q_np: np.ndarray, start: int, rows: torch.Tensor) -> torch.Tensor:
         """Exact squared distances (float32) of queries ``start ..`` to the given bank rows (one per query)."""

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from adspine.methods.threads import map_one_thread_each
 
 U = 2.0**-8  # bfloat16 rounds to nearest within 2^-9 (relative); the bound uses twice that
 SAFETY = 1.5
@@ -223,16 +224,8 @@ class GalleryScreen:
         work = q.shape[0] * self.tiles * TILE * self.width * len(images)  # pass-1 multiply-adds
         step = -(-q.shape[0] // max(1, min(threads, work // SPLIT_MACS)))
         starts = list(range(0, q.shape[0], step))
-        old = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            if len(starts) <= 1:
-                return self.candidates(q, images)
-            with ThreadPoolExecutor(len(starts)) as pool:
-                parts = list(pool.map(lambda a: self.candidates(q[a : a + step], images), starts))
-        finally:
-            torch.set_num_threads(old)
-        return _joined(list(zip(starts, parts)))
+        parts = map_one_thread_each(lambda a: self.candidates(q[a : a + step], images), starts)
+        return parts[0] if len(parts) == 1 else _joined(list(zip(starts, parts)))
 
 
 def _joined(parts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

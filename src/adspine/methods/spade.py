@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Predictio
 from adspine.methods.postprocess import DEFAULT_SIGMA, gaussian_blur
 from adspine.methods import screen as screening
 from adspine.methods.screen import GalleryScreen, fast_bf16
+from adspine.methods.threads import map_one_thread_each
 
 GALLERY_BLOCK = 256  # gallery rows per GEMM block: (queries x 256) float32 buffer stays in cache
 TARGET_REL_ERROR = 1e-5  # nearest distances whose float32 expansion error may exceed this are recomputed directly
@@ -79,13 +79,7 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
     if len(parts) == 1:
         run(parts[0])
     else:
-        old = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(len(parts)) as pool:
-                list(pool.map(run, parts))
-        finally:
-            torch.set_num_threads(old)
+        map_one_thread_each(run, parts)
     # the winner g lies within d of q, so |g| <= |q| + d: the expansion's rounding error for it is about
     # u (|q|^2 + (|q| + d)^2); where that is not small against d^2, recompute in float64
     q_sq = q.square().sum(dim=1)
