@@ -16,9 +16,13 @@ import methods_fixtures as mf  # noqa: E402
 from adspine.methods.patchcore import (  # noqa: E402
     PatchCore,
     PatchCoreSettingError,
+    _assemble,
+    _disjoint,
     _gather_rows,
+    _layer_parts,
     aggregate,
     greedy_coreset,
+    project_parts,
 )
 from adspine.methods.knn import PRECISIONS, NearestBank  # noqa: E402
 from adspine.methods.postprocess import patch_scores_to_map  # noqa: E402
@@ -135,6 +139,52 @@ def test_bfloat16_search_without_its_error_bound_misses_nearest_rows(monkeypatch
     bank, queries = _near_tie_data()
     _, idx = NearestBank(bank, components=60, leaf=32, block=128, precision="bfloat16").search(queries)
     assert idx.tolist() != _bruteforce(bank, queries)[1].tolist()
+
+
+def _perturbed_projection(search: NearestBank, queries: torch.Tensor, size: float) -> torch.Tensor:
+    """The queries' exact projection plus an error of norm ``size`` per row (float64 reference, float32 result)."""
+    exact = (queries.double() - search.centre.double()) @ search.basis.double()
+    noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return (exact + size * noise / noise.norm(dim=1, keepdim=True)).float()
+
+
+def test_bfloat16_search_with_the_callers_projection_honours_its_error_bound():
+    bank, queries = _near_tie_data()
+    search = NearestBank(bank, components=60, leaf=32, block=128, precision="bfloat16")
+    proj = _perturbed_projection(search, queries, 1.0)
+    want = _bruteforce(bank, queries)
+    d2, idx = search.search(queries, proj, proj_err=1.0)
+    assert idx.tolist() == want[1].tolist()
+    np.testing.assert_allclose(d2.numpy(), want[0], rtol=1e-5, atol=1e-9)
+    _, idx = search.search(queries, proj, proj_err=0.0)  # the same error, not declared: true neighbours are lost
+    assert idx.tolist() != want[1].tolist()
+    with pytest.raises(ValueError, match=r"proj must be \(200, 60\)"):
+        search.search(queries, proj[:, :5])
+
+
+@pytest.mark.parametrize(
+    "channels, grids, target",
+    [
+        ((128, 256), ((28, 28), (14, 14)), 1024),  # ResNet-18 at 224 px
+        ((12, 20), ((6, 10), (3, 5)), 64),  # rectangular
+        ((5, 7, 3), ((8, 6), (4, 3), (2, 2)), 48),  # three layers, each its own third of the columns
+    ],
+)
+def test_projection_per_layer_grid_equals_projection_of_the_embedding(channels, grids, target):
+    """Projected per layer on its own grid then resized = the assembled embedding projected, within the bound."""
+    gen = torch.Generator().manual_seed(2)
+    maps = [torch.relu(torch.randn(2, c, h, w, generator=gen)) + 2.0 for c, (h, w) in zip(channels, grids)]
+    parts = _layer_parts(maps, target)
+    assert _disjoint(parts, target)
+    emb = _assemble(parts, grids[0], target).reshape(-1, target)
+    torch.testing.assert_close(emb, aggregate(maps, target).reshape(-1, target), rtol=0, atol=0)
+    centre = emb.mean(dim=0) + 0.5
+    basis = torch.linalg.qr(torch.randn(target, 24, generator=gen, dtype=torch.float64))[0].float()
+    proj, err = project_parts(parts, grids[0], centre, basis)
+    want = (emb.double() - centre.double()) @ basis.double()
+    gap = float((proj.double() - want).norm(dim=1).max())
+    assert proj.shape == (emb.shape[0], 24) and gap <= err, (gap, err)
+    assert err < 1e-3 * float(emb.norm(dim=1).max()), err  # a float32 rounding allowance, not a blanket
 
 
 def test_pruned_search_precision_choice():
@@ -265,9 +315,14 @@ def test_bank_is_the_coreset_of_the_aggregated_features():
     torch.testing.assert_close(model.bank_, emb[picked], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bfloat16-search", "float32-search"])
 @pytest.mark.parametrize("distance", ["squared", "euclidean"])
-def test_patch_and_image_scores_match_bruteforce(distance):
+def test_patch_and_image_scores_match_bruteforce(distance, bf16, monkeypatch):
+    from adspine.methods import screen
+
+    monkeypatch.setattr(screen, "fast_bf16", lambda: bf16)  # both searches on any CPU (bfloat16: per-layer projection)
     model, _, test = _fitted(distance=distance)
+    assert model._nearest().precision == ("bfloat16" if bf16 else "float32")
     pred = model.predict(test, SIZE)
     emb = aggregate([test[1], test[2]], 32).numpy().astype(np.float64)
     bank = model.bank_.numpy().astype(np.float64)

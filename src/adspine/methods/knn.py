@@ -21,6 +21,7 @@ PRECISIONS = ("float32", "bfloat16")  # of NearestBank's lower-bound GEMM
 BF16_WIDTH = 256  # bfloat16 rows: components + 4 (ResNet-18's 1024-d bank: 256 beat 128, 192 and 320)
 BF16_BLOCK = 1024  # default queries per block in bfloat16 mode (its small ops cost per call: 256 was 1.5x slower)
 BAND = 256  # bfloat16 mode: rows sorted by norm share the bound's max |y| in bands of this many (whole tiles)
+PROJ_REL = 2.0**-14  # bfloat16 mode: float32 projections' error, relative to |x| + |centre| (~worst case at 1024-d)
 
 
 def as_f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -114,7 +115,10 @@ class NearestBank:
       tiles of ``leaf`` rows whose smallest ``D`` is too large are skipped, and rows with ``D - u |D| - E <= U`` are
       the candidates. bfloat16 GEMMs run ~4x faster than float32 ones on AMX, so more components are affordable
       and fewer candidates remain (ResNet-18's 1024-d bank: ~13 per query of 3136 rows, against ~44 with 128
-      float32 components).
+      float32 components). Here the projection is one uncentred GEMM ``x P - centre P`` (or the caller's, e.g.
+      computed per layer at a coarser grid: ``search(..., proj=, proj_err=)``); its error ``gamma`` (at most
+      ``PROJ_REL (|x| + |centre|)`` for the GEMM) widens the bound by ``2 gamma |P^T y|`` and the residual norms by
+      ``2 gamma |P^T x|``.
 
     Distances are relative to the float32 rows; returned distances carry the float32 rounding of a sum of squares
     (relative error ~1e-7), not the cancellation of ``|x|^2 + |y|^2 - 2 x.y``.
@@ -147,6 +151,9 @@ class NearestBank:
         self.order = sq.argsort() if bf16 else tree_order(proj, leaf)
         self.bank = bank[self.order].contiguous()
         self._bank_np = self.bank.numpy()
+        self._centre_np = self.centre.view(1, -1).numpy()
+        self.centre_proj = self.centre @ self.basis  # (k,): the uncentred projection's offset
+        self.centre_norm = float(self.centre.double().norm())
         proj, sq = proj[self.order], sq[self.order]
         resid = self._residual_bound(sq, proj)
         self.last_candidates = 0  # candidates per query of the last search (diagnostics)
@@ -179,26 +186,36 @@ class NearestBank:
         self.band_sq = F.pad(sq, (0, pad)).view(self.bands, self.band).amax(dim=1)
 
     @staticmethod
-    def _residual_bound(sq: torch.Tensor, proj: torch.Tensor, proj_sq: torch.Tensor | None = None) -> torch.Tensor:
+    def _residual_bound(sq: torch.Tensor, proj: torch.Tensor, proj_sq: torch.Tensor | None = None,
+                        gamma: torch.Tensor | None = None) -> torch.Tensor:
         """Upper bound (float32) of the residual norms from float64 squared norms and the float32 projections (their
-        squared norms ``proj_sq`` if already known)."""
+        squared norms ``proj_sq`` if already known; ``gamma``: a bound of the projections' error norm, if any)."""
         if proj_sq is None:
             proj_sq = proj.double().square().sum(dim=1)
         r2 = sq - proj_sq + RESIDUAL_SLACK * sq
+        if gamma is not None:  # |P^T x|^2 >= (|p| - gamma)^2
+            r2 += gamma * (2 * proj_sq.sqrt() + gamma)
         return r2.clamp_(min=0).sqrt_().to(torch.float32)
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared L2 distance (Q,) float64 to the nearest bank row and its index (Q,) int64."""
+    def search(self, queries: torch.Tensor, proj: torch.Tensor | None = None,
+               proj_err: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distance (Q,) float64 to the nearest bank row and its index (Q,) int64.
+
+        ``proj`` (Q, k), optional: the caller's ``(queries - centre) @ basis`` with ``proj_err`` an upper bound of
+        each row's error norm (bfloat16 mode uses it; float32 mode projects itself)."""
         q = queries.detach().cpu().to(torch.float32).contiguous()
         if q.ndim != 2 or q.shape[1] != self.bank.shape[1]:
             raise ValueError(f"queries must be (Q, {self.bank.shape[1]}), got shape {tuple(q.shape)}")
         n = q.shape[0]
+        if proj is not None and tuple(proj.shape) != (n, self.basis.shape[1]):
+            raise ValueError(f"proj must be ({n}, {self.basis.shape[1]}), got shape {tuple(proj.shape)}")
         d2 = torch.empty(n, dtype=torch.float64)
         idx = torch.empty(n, dtype=torch.int64)
         q_np = q.numpy()
         total = 0
         if self.precision == "bfloat16":
-            self.last_candidates = self._search_bf16(q, q_np, d2, idx) / max(n, 1)
+            given = None if proj is None else (proj.detach().to(torch.float32), float(proj_err))
+            self.last_candidates = self._search_bf16(q, q_np, d2, idx, given) / max(n, 1)
             return d2, idx
         xc = q - self.centre
         sq = xc.square().sum(dim=1).double()
@@ -213,7 +230,8 @@ class NearestBank:
         self.last_candidates = total / max(n, 1)
         return d2, idx
 
-    def _search_bf16(self, q: torch.Tensor, q_np: np.ndarray, d2: torch.Tensor, idx: torch.Tensor) -> int:
+    def _search_bf16(self, q: torch.Tensor, q_np: np.ndarray, d2: torch.Tensor, idx: torch.Tensor,
+                     given: tuple[torch.Tensor, float] | None) -> int:
         """bfloat16 mode of ``search`` (writes ``d2``, ``idx``; returns the number of candidates): blocks of queries
         spread over Python threads that each run single-threaded (measured ~10 % faster than one thread pool
         splitting every op: most ops here are too small to split)."""
@@ -224,7 +242,7 @@ class NearestBank:
 
         def run(i: int) -> int:
             rows = slice(i, min(i + step, n))
-            qi, cj = self._candidates_bf16(q_np, q[rows], i)
+            qi, cj = self._candidates_bf16(q_np, q[rows], i, None if given is None else (given[0][rows], given[1]))
             return self._exact(q_np, i, qi, cj, d2[rows], idx[rows])
 
         if threads == 1 or len(starts) == 1:
@@ -249,15 +267,18 @@ class NearestBank:
         p, s = (lb[cq, cr] <= thr[cq].unsqueeze(1)).nonzero(as_tuple=True)
         return cq[p], cr[p] * leaf + s
 
-    def _candidates_bf16(self, q_np, q, start) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidates_bf16(self, q_np, q, start, given) -> tuple[torch.Tensor, torch.Tensor]:
         """(block query, bank row) candidate pairs from the bfloat16 bound (see the class)."""
         nb = q.shape[0]
-        xc = q - self.centre
-        sq = torch.linalg.vector_norm(xc, dim=1).double().square_()  # float32 sum: covered by c_q and the slacks
-        proj = xc @ self.basis
-        del xc
+        sq = torch.from_numpy(pairwise_l2sqr(q_np, np.arange(start, start + nb), self._centre_np,
+                                             np.zeros(nb, dtype=np.int64))).double()  # |x - c|^2: float32 sums
+        if given is None:
+            proj = torch.addmm(self.centre_proj, q, self.basis, alpha=1, beta=-1)  # x P - c P
+            gamma = PROJ_REL * (sq.sqrt() + 2 * self.centre_norm)  # |x| <= |x - c| + |c|
+        else:
+            proj, gamma = given[0], torch.full((nb,), given[1], dtype=torch.float64)
         proj_sq = torch.linalg.vector_norm(proj, dim=1).double().square_()  # float32: within RESIDUAL_SLACK
-        resid = self._residual_bound(sq, proj, proj_sq)
+        resid = self._residual_bound(sq, proj, proj_sq, gamma)
         k, rows = proj.shape[1], screening.shape_step(nb)  # queries padded: few GEMM shapes (oneDNN caches each)
         hi = sq.to(torch.float32).to(torch.bfloat16)
         aug = torch.zeros(rows, self.width, dtype=torch.bfloat16)
@@ -274,8 +295,8 @@ class NearestBank:
         upper = self._upper(q_np, start, best * leaf + tiles[best, :, r].argmin(dim=1)).double()  # any row will do
         norm = (proj_sq + resid.double().square()).sqrt()  # |[P^T x, r_x]|
         c_qg, c_sq, c_q = screening.bound_coefficients(k + 1, self.width)
-        err = (c_qg * norm.unsqueeze(1) * self.band_norm + (c_sq + LB_SLACK) * self.band_sq
-               + ((c_q + LB_SLACK) * sq).unsqueeze(1))  # (nb, bands)
+        err = ((c_qg * norm + 2 * gamma).unsqueeze(1) * self.band_norm + (c_sq + LB_SLACK) * self.band_sq
+               + ((c_q + LB_SLACK) * sq).unsqueeze(1))  # (nb, bands); 2 gamma |P^T y|: the projection's error
         # a row is a candidate when D (1 - u) <= U + E + delta_x (D >= 0; a negative D always passes)
         lim = ((upper * (1 + TIE_MARGIN) + hi.double() - sq).unsqueeze(1) + err) / (1 - screening.U)
         lim = screening.bf16_at_least(lim).view(torch.int16)  # (Q, bands)
@@ -295,11 +316,20 @@ class NearestBank:
         dist = torch.from_numpy(pairwise_l2sqr(q_np, gq, self._bank_np, cj.numpy()))
         dmin = torch.full((nb,), float("inf")).scatter_reduce_(0, qi, dist, "amin")
         near = dist <= dmin[qi] * (1 + TIE_MARGIN)
-        a, j = qi[near], cj[near]
-        if a.numel() == nb:  # one candidate per query within the rounding margin: the winner
-            d2_out[a] = dist[near].double()
-            idx_out[a] = self.order[j]
-            return qi.numel()
+        a, j, dn = qi[near], cj[near], dist[near]
+        if a.numel() > nb:  # some queries have several candidates within the rounding margin: those are re-scored
+            tie = torch.bincount(a, minlength=nb)[a] > 1
+            one = ~tie
+            d2_out[a[one]], idx_out[a[one]] = dn[one].double(), self.order[j[one]]
+            a, j = a[tie], j[tie]
+            dd = torch.sum((torch.from_numpy(q_np[a.numpy() + start]) - self.bank[j]).double().square_(), dim=1)
+            best = torch.full((nb,), float("inf"), dtype=torch.float64).scatter_reduce_(0, a, dd, "amin")
+            orig = torch.where(dd == best[a], self.order[j], torch.iinfo(torch.int64).max)
+            first = torch.full((nb,), torch.iinfo(torch.int64).max).scatter_reduce_(0, a, orig, "amin")
+            d2_out[a], idx_out[a] = best[a], first[a]
+        else:  # one candidate per query within the margin: the winner
+            d2_out[a], idx_out[a] = dn.double(), self.order[j]
+        return qi.numel()
         dd = torch.sum((torch.from_numpy(q_np[gq[near.numpy()]]) - self.bank[j]).double().square_(), dim=1)
         best = torch.full((nb,), float("inf"), dtype=torch.float64).scatter_reduce_(0, a, dd, "amin")
         orig = torch.where(dd == best[a], self.order[j], torch.iinfo(torch.int64).max)

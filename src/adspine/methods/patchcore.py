@@ -63,21 +63,57 @@ def aggregate(maps: Sequence[torch.Tensor], target_dim: int, threads: int | None
 
 
 def _aggregate(maps: Sequence[torch.Tensor], target_dim: int) -> torch.Tensor:
-    ref = tuple(maps[0].shape[-2:])
+    return _assemble(_layer_parts(maps, target_dim), tuple(maps[0].shape[-2:]), target_dim)
+
+
+def _layer_parts(maps: Sequence[torch.Tensor], target_dim: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Each layer's part of ``aggregate`` on its own grid: (lo, hi, (B, h, w, hi - lo) contiguous) per map."""
     parts = []
     for index, m in enumerate(maps):
         weight, groups, lo, hi = _layer_kernel(m.shape[1], target_dim, len(maps), index, m.dtype, m.device)
-        x = m.contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x, weight, padding=1, groups=groups)
-        if tuple(y.shape[-2:]) != ref:
-            y = F.interpolate(y, size=ref, mode="bilinear", align_corners=False)
-        parts.append((lo, hi, y.permute(0, 2, 3, 1)))  # (B, H, W, hi - lo), contiguous when channels-last
-    if parts[0][0] == 0 and parts[-1][1] == target_dim and all(a[1] == b[0] for a, b in zip(parts, parts[1:])):
-        return torch.cat([p for _, _, p in parts], dim=3)
-    out = torch.zeros(*parts[0][2].shape[:3], target_dim, dtype=maps[0].dtype, device=maps[0].device)
-    for lo, hi, p in parts:
-        out[..., lo:hi] += p
+        y = F.conv2d(m.contiguous(memory_format=torch.channels_last), weight, padding=1, groups=groups)
+        parts.append((lo, hi, y.permute(0, 2, 3, 1)))  # contiguous: channels-last
+    return parts
+
+
+def _resize(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w, C) resized bilinearly (align_corners=False) to (B, *size, C), contiguous."""
+    if tuple(y.shape[1:3]) == size:
+        return y
+    return F.interpolate(y.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+
+def _disjoint(parts: Sequence[tuple[int, int, torch.Tensor]], target_dim: int) -> bool:
+    """Whether the layers' column ranges tile [0, target_dim) in order (each output column from one layer)."""
+    return parts[0][0] == 0 and parts[-1][1] == target_dim and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+
+
+def _assemble(parts: Sequence[tuple[int, int, torch.Tensor]], ref: tuple[int, int], target_dim: int) -> torch.Tensor:
+    """(B, H, W, target_dim) from the layers' parts resized to the grid ``ref`` (overlapping columns add up)."""
+    if _disjoint(parts, target_dim):
+        return torch.cat([_resize(y, ref) for _, _, y in parts], dim=3)
+    out = torch.zeros(*parts[0][2].shape[:1], *ref, target_dim, dtype=parts[0][2].dtype, device=parts[0][2].device)
+    for lo, hi, y in parts:
+        out[..., lo:hi] += _resize(y, ref)
     return out
+
+
+def project_parts(parts: Sequence[tuple[int, int, torch.Tensor]], ref: tuple[int, int], centre: torch.Tensor,
+                  basis: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(embedding - centre) @ basis`` (B * H * W, k) from the layers' parts (``_layer_parts``, disjoint columns),
+    each projected on its own grid and then resized (both linear: a deeper layer's rows are multiplied at its
+    coarser grid, 1/4 of the rows for layer 3 of ResNets), and a bound of each row's error norm:
+    ``knn.PROJ_REL`` times |centre| plus the largest row norm of each part (twice for a resized part, whose
+    interpolation adds float32 rounding of its inputs' size)."""
+    total, scale = None, float(centre.double().norm())
+    for lo, hi, y in parts:
+        b, h, w, c = y.shape
+        rows = y.reshape(-1, c)
+        p = _resize((rows @ basis[lo:hi]).view(b, h, w, -1), ref)
+        total = p if total is None else total.add_(p)
+        scale += (1 if (h, w) == ref else 2) * float(torch.linalg.vector_norm(rows, dim=1).max())
+    total = total.reshape(-1, basis.shape[1]).sub_(centre @ basis)
+    return total, knn.PROJ_REL * scale
 
 
 def _pooling_matrix(n: int, target: int) -> torch.Tensor:
@@ -326,9 +362,16 @@ class PatchCore(AnomalyMethod):
 
     def _predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> Prediction:
         with torch.no_grad():
-            emb = self.embed(maps)
+            used, bank = self.used_maps(maps), self._nearest()
+            ref = tuple(used[0].shape[-2:])
+            parts = _layer_parts(used, self.target_dim)
+            emb = _assemble(parts, ref, self.target_dim)
             b, h, w, t = emb.shape
-            d2, idx = self._nearest().search(emb.reshape(-1, t))
+            if bank.precision == "bfloat16" and _disjoint(parts, self.target_dim):
+                proj, err = project_parts(parts, ref, bank.centre, bank.basis)
+                d2, idx = bank.search(emb.reshape(-1, t), proj, err)
+            else:
+                d2, idx = bank.search(emb.reshape(-1, t))
             patch = d2 if self.distance == "squared" else d2.sqrt()
             patch = patch.reshape(b, h, w)
             flat = patch.reshape(b, -1)
