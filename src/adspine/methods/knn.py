@@ -19,7 +19,8 @@ RESIDUAL_SLACK = 1e-4  # residual norms rounded up: r^2 + this fraction of |x|^2
 TIE_MARGIN = 1e-5  # relative: upper bounds and near-ties (float32 sums of squares are exact to ~1e-7)
 PRECISIONS = ("float32", "bfloat16")  # of NearestBank's lower-bound GEMM
 BF16_WIDTH = 256  # bfloat16 rows: components + 4 (ResNet-18's 1024-d bank: 256 beat 128, 192 and 320)
-BF16_BLOCK = 1024  # default queries per block in bfloat16 mode (its small ops cost per call: 256 was 1.5x slower)
+BF16_BLOCK_BYTES = 32 * 2**20  # bfloat16 mode: queries per block so that a block's GEMM output (rows x queries x 2 B)
+# stays under this (ResNet-18's 3,136-row bank: 5,040 queries; 4,096 ran 1.2x faster than 1,024, 256 was 1.5x slower)
 BAND = 256  # bfloat16 mode: rows sorted by norm share the bound's max |y| in bands of this many (whole tiles)
 PROJ_REL = 2.0**-14  # bfloat16 mode: float32 projections' error, relative to |x| + |centre| (~worst case at 1024-d)
 
@@ -135,8 +136,9 @@ class NearestBank:
             precision = "bfloat16" if screening.fast_bf16() else "float32"
         self.precision = precision
         bf16 = precision == "bfloat16"
-        self.leaf, self.block = int(leaf), int(block or (BF16_BLOCK if bf16 else 256))
         m, d = bank.shape
+        self.leaf = int(leaf)
+        self.block = int(block or (max(256, BF16_BLOCK_BYTES // (2 * (m + BAND))) if bf16 else 256))
         self.centre = bank.mean(dim=0, dtype=torch.float64).to(torch.float32)
         centred = bank - self.centre
         if components is None:
