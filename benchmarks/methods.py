@@ -4,9 +4,9 @@ Per backbone (random init) and code version, ``--repeats`` fresh subprocesses ea
 synthetic category through the backbone into ``fit``, predict the test images batch by batch, save the model.
 Printed: fit seconds, coreset seconds (``greedy_coreset`` wrapped and timed), backbone and method ms per test image
 (after one untimed warm-up pass over the test images, the minimum over ``--passes`` timed passes that time the
-backbone and the method batch by batch side by side, as the study's latency does), the method/backbone ratio, RSS before fit, peak memory of fit and of predict (kernel high-water mark ``VmHWM``,
-reset by writing 5 to ``/proc/self/clear_refs`` before each stage; no sampling), model size; minimum and median over
-the repeats. Then whether both versions picked the same coreset and how far their image scores differ (squared
+backbone and the method batch by batch side by side, as the study's latency does), the method/backbone ratio, RSS
+before fit, peak memory of fit and of predict (kernel high-water mark ``VmHWM``, reset by writing 5 to
+``/proc/self/clear_refs`` before each stage; no sampling), model size; minimum and median over the repeats. Then whether both versions picked the same coreset and how far their image scores differ (squared
 scores are compared through their square root with older Euclidean ones).
 
     .venv/bin/python benchmarks/methods.py --before /tmp/adspine-before/src      # ResNet-18 and WRN50-2, 224 px

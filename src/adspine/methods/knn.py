@@ -22,7 +22,8 @@ BF16_WIDTH = 256  # bfloat16 rows: components + 4 (ResNet-18's 1024-d bank: 256 
 BF16_BLOCK_BYTES = 32 * 2**20  # bfloat16 mode: queries per block so that a block's GEMM output (rows x queries x 2 B)
 # stays under this (ResNet-18's 3,136-row bank: 5,040 queries; 4,096 ran 1.2x faster than 1,024, 256 was 1.5x slower)
 BAND = 256  # bfloat16 mode: rows sorted by norm share the bound's max |y| in bands of this many (whole tiles)
-PROJ_REL = 2.0**-14  # bfloat16 mode: float32 projections' error, relative to |x| + |centre| (~worst case at 1024-d)
+PROJ_REL = 2.0**-14  # bfloat16 mode: float32 projections' error allowance, relative to |x| + |centre| (a rounding
+# margin like LB_SLACK, ~300x the error measured on ResNet-18; a worst-case bound, d sqrt(k) 2^-24, would be 16x this)
 
 
 def as_f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -117,9 +118,9 @@ class NearestBank:
       the candidates. bfloat16 GEMMs run ~4x faster than float32 ones on AMX, so more components are affordable
       and fewer candidates remain (ResNet-18's 1024-d bank: ~13 per query of 3136 rows, against ~44 with 128
       float32 components). Here the projection is one uncentred GEMM ``x P - centre P`` (or the caller's, e.g.
-      computed per layer at a coarser grid: ``search(..., proj=, proj_err=)``); its error ``gamma`` (at most
-      ``PROJ_REL (|x| + |centre|)`` for the GEMM) widens the bound by ``2 gamma |P^T y|`` and the residual norms by
-      ``2 gamma |P^T x|``.
+      computed per layer at a coarser grid: ``search(..., proj=, proj_err=)``); its error ``gamma`` (for the GEMM
+      the rounding allowance ``PROJ_REL (|x| + |centre|)``) widens the bound by ``2 gamma |P^T y|`` and the residual
+      norms by ``2 gamma |P^T x|``.
 
     Distances are relative to the float32 rows; returned distances carry the float32 rounding of a sum of squares
     (relative error ~1e-7), not the cancellation of ``|x|^2 + |y|^2 - 2 x.y``.
