@@ -11,6 +11,7 @@ scores are compared through their square root with older Euclidean ones).
 
     .venv/bin/python benchmarks/methods.py --before /tmp/adspine-before/src      # ResNet-18 and WRN50-2, 224 px
     .venv/bin/python benchmarks/methods.py --backbones resnet18 --repeats 1
+    .venv/bin/python benchmarks/methods.py --backbones resnet18 --float32-search   # as on CPUs without bfloat16
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def worker(job: dict) -> dict:
 
     faiss.omp_set_num_threads(job["threads"])
     import adspine.methods.patchcore as pc
+
+    if job["float32_search"]:  # as on CPUs without bfloat16 hardware: NearestBank's float32 bound
+        import adspine.methods.screen as screen
+
+        screen.fast_bf16 = lambda: False
     from adspine.backbones.extractor import build_extractor
     from adspine.data.mvtec import ImageDataset, scan_category
     from adspine.methods import build_method
@@ -136,6 +142,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--float32-search", action="store_true", help="PatchCore's search as on CPUs without bfloat16 "
+                    "hardware (float32 bound)")
     ap.add_argument("--passes", type=int, default=5, help="timed passes over the test images per run (after one "
                     "untimed warm-up pass); backbone and method ms/img are the minima over the passes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -158,7 +166,8 @@ def main() -> None:
         print("-" * len(header))
         for backbone in args.backbones.split(","):
             job = {"backbone": backbone, "root": str(root), "n_train": args.n_train, "n_test": args.n_test,
-                   "size": args.size, "threads": args.threads, "passes": args.passes}
+                   "size": args.size, "threads": args.threads, "passes": args.passes,
+                   "float32_search": args.float32_search}
             results = {v: [] for v, _ in versions}
             for _ in range(args.repeats):  # interleaved, so both versions see the same machine load
                 for v, src in versions:

@@ -19,8 +19,8 @@ RESIDUAL_SLACK = 1e-4  # residual norms rounded up: r^2 + this fraction of |x|^2
 TIE_MARGIN = 1e-5  # relative: upper bounds and near-ties (float32 sums of squares are exact to ~1e-7)
 PRECISIONS = ("float32", "bfloat16")  # of NearestBank's lower-bound GEMM
 BF16_WIDTH = 256  # bfloat16 rows: components + 4 (ResNet-18's 1024-d bank: 256 beat 128, 192 and 320)
-BF16_BLOCK_BYTES = 32 * 2**20  # bfloat16 mode: queries per block so that a block's GEMM output (rows x queries x 2 B)
-# stays under this (ResNet-18's 3,136-row bank: 5,040 queries; 4,096 ran 1.2x faster than 1,024, 256 was 1.5x slower)
+BLOCK_BYTES = 32 * 2**20  # queries per block: as many as keep a block's bound GEMM output under this (ResNet-18's
+# 3,136-row bank: bfloat16 5,040 queries, 4,096 ran 1.2x faster than 1,024; float32 2,650, 2,048 1.25x faster than 256)
 BAND = 256  # bfloat16 mode: rows sorted by norm share the bound's max |y| in bands of this many (whole tiles)
 PROJ_REL = 2.0**-14  # bfloat16 mode: float32 projections' error allowance, relative to |x| + |centre| (a rounding
 # margin like LB_SLACK, ~300x the error measured on ResNet-18; a worst-case bound, d sqrt(k) 2^-24, would be 16x this)
@@ -139,7 +139,8 @@ class NearestBank:
         bf16 = precision == "bfloat16"
         m, d = bank.shape
         self.leaf = int(leaf)
-        self.block = int(block or (max(256, BF16_BLOCK_BYTES // (2 * (m + BAND))) if bf16 else 256))
+        out_bytes = 2 * (m + BAND) if bf16 else 4 * (m + leaf)  # GEMM output per query: int16 or float32 per row
+        self.block = int(block or max(256, BLOCK_BYTES // out_bytes))
         self.centre = bank.mean(dim=0, dtype=torch.float64).to(torch.float32)
         centred = bank - self.centre
         if components is None:
@@ -215,7 +216,6 @@ class NearestBank:
         d2 = torch.empty(n, dtype=torch.float64)
         idx = torch.empty(n, dtype=torch.int64)
         q_np = q.numpy()
-        total = 0
         if self.precision == "bfloat16":
             given = None if proj is None else (proj.detach().to(torch.float32), float(proj_err))
             self.last_candidates = self._search_bf16(q, q_np, d2, idx, given) / max(n, 1)
@@ -226,31 +226,36 @@ class NearestBank:
         del xc
         aug = torch.cat([proj, self._residual_bound(sq, proj).unsqueeze(1)], dim=1)
         x_lb = ((1 - LB_SLACK) * sq).float()
-        for i in range(0, n, self.block):
-            rows = slice(i, min(i + self.block, n))
-            qi, cj = self._candidates_f32(q_np, i, aug[rows], x_lb[rows])
-            total += self._exact(q_np, i, qi, cj, d2[rows], idx[rows])
+
+        total = 0
+        for i in range(0, n, self.block):  # on the caller's torch threads (Python threads measured no faster here)
+            j = min(i + self.block, n)
+            qi, cj = self._candidates_f32(q_np, i, aug[i:j], x_lb[i:j])
+            total += self._exact(q_np, i, qi, cj, d2[i:j], idx[i:j])
         self.last_candidates = total / max(n, 1)
         return d2, idx
 
-    def _search_bf16(self, q: torch.Tensor, q_np: np.ndarray, d2: torch.Tensor, idx: torch.Tensor,
-                     given: tuple[torch.Tensor, float] | None) -> int:
-        """bfloat16 mode of ``search`` (writes ``d2``, ``idx``; returns the number of candidates): blocks of queries
-        spread over Python threads that each run single-threaded (measured ~10 % faster than one thread pool
-        splitting every op: most ops here are too small to split)."""
-        n, threads = q.shape[0], torch.get_num_threads()
-        parts = threads * -(-n // (threads * self.block))  # blocks of at most ``block``, a multiple of the threads
+    def _in_blocks(self, n: int, run) -> int:
+        """``sum(run(start, stop))`` over blocks of at most ``block`` queries, as many blocks as a multiple of the
+        torch threads, spread over Python threads that each run single-threaded (measured faster than one thread
+        pool splitting every op: most ops here are too small to split)."""
+        threads = torch.get_num_threads()
+        parts = threads * -(-n // (threads * self.block))
         step = -(-n // parts)
         starts = list(range(0, n, step))
-
-        def run(i: int) -> int:
-            rows = slice(i, min(i + step, n))
-            qi, cj = self._candidates_bf16(q_np, q[rows], i, None if given is None else (given[0][rows], given[1]))
-            return self._exact(q_np, i, qi, cj, d2[rows], idx[rows])
-
         if threads == 1 or len(starts) == 1:
-            return sum(run(i) for i in starts)
-        return sum(map_one_thread_each(run, starts, workers=threads))
+            return sum(run(i, min(i + step, n)) for i in starts)
+        return sum(map_one_thread_each(lambda i: run(i, min(i + step, n)), starts, workers=threads))
+
+    def _search_bf16(self, q: torch.Tensor, q_np: np.ndarray, d2: torch.Tensor, idx: torch.Tensor,
+                     given: tuple[torch.Tensor, float] | None) -> int:
+        """bfloat16 mode of ``search`` (writes ``d2``, ``idx``; returns the number of candidates)."""
+
+        def run(i: int, j: int) -> int:
+            qi, cj = self._candidates_bf16(q_np, q[i:j], i, None if given is None else (given[0][i:j], given[1]))
+            return self._exact(q_np, i, qi, cj, d2[i:j], idx[i:j])
+
+        return self._in_blocks(q.shape[0], run)
 
     def _upper(self, q_np: np.ndarray, start: int, rows: torch.Tensor) -> torch.Tensor:
         """Exact squared distances (float32) of queries ``start ..`` to the given bank rows (one per query)."""
