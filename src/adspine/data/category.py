@@ -124,16 +124,29 @@ def _decoded_size(path: Path) -> tuple[int, int]:
     return open_decoded(path).size
 
 
-def check_files(samples: list[Sample], workers: int | None = None) -> None:
-    """Decode every image and mask fully (threads: Pillow releases the GIL) and compare mask and image sizes."""
+def check_files(samples: list[Sample], workers: int | None = None, listed_at: dict[Path, str] | None = None) -> None:
+    """Decode every image and mask fully (threads: Pillow releases the GIL) and compare mask and image sizes;
+    ``listed_at`` (path -> where a list names it, e.g. ``<csv>:<line>``) is added to the error about that path."""
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     paths = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
+    listed_at = listed_at or {}
+
+    def decoded_size(path: Path) -> tuple[int, int]:
+        try:
+            return _decoded_size(path)
+        except DatasetError as exc:
+            if path not in listed_at:
+                raise
+            raise DatasetError(f"{exc} (listed at {listed_at[path]})") from None
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = dict(zip(paths, pool.map(_decoded_size, paths)))
+        sizes = dict(zip(paths, pool.map(decoded_size, paths)))
     for s in samples:
         if s.mask_path is not None and sizes[s.mask_path] != sizes[s.path]:
             (mw, mh), (iw, ih) = sizes[s.mask_path], sizes[s.path]
-            raise DatasetError(f"{s.mask_path}: mask size {mw}x{mh} differs from its image {s.path} ({iw}x{ih})")
+            listed = f" (listed at {listed_at[s.path]})" if s.path in listed_at else ""
+            raise DatasetError(f"{s.mask_path}: mask size {mw}x{mh} differs from its image {s.path} ({iw}x{ih})"
+                               + listed)
 
 
 def read_dataset_file(root: Path) -> dict | None:

@@ -3,8 +3,10 @@
 Columns (header row required, order free): ``path``, ``split`` (``train`` / ``test``), ``label`` (``good`` or a defect
 name), optional ``mask`` (mask path, may be empty) and optional ``category``. Relative paths are relative to the CSV's
 folder. With a ``category`` column each distinct value is a category; without it the whole CSV is one category named
-after the file stem (``parts.csv`` -> ``parts``). Train rows must be good. The dataset root passed to ``scan`` is the
-CSV file itself. Masks are binarised at > 127 on the 8-bit scale.
+after the file stem (``parts.csv`` -> ``parts``). Category and label values must be plain names (folder names in the
+other layouts: no ``/``, ``\\``, NUL, ``.`` or ``..``); a path may point anywhere, the file must decode as an image.
+Train rows must be good. The dataset root passed to ``scan`` is the CSV file itself. Masks are binarised at > 127 on
+the 8-bit scale.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from adspine.data.category import (
     sort_samples,
 )
 from adspine.data.images import MASK_THRESHOLD, DatasetError, is_broken_link
+from adspine.data.paths import plain_name
 
 REQUIRED_COLUMNS = ("path", "split", "label")
 SPLITS = ("train", "test")
@@ -108,7 +111,8 @@ def build_category(
             raise DatasetError(f"{source}: category {name!r} has no {what} images")
     enforce_mask_policy(test, masks, where=lambda defect: f"{source} (category {name!r}, defect {defect!r})")
     if verify:
-        check_files(train + test, workers)
+        listed_at = {p: row.where for row in rows for p in (row.path, row.mask_path) if p is not None}
+        check_files(train + test, workers, listed_at)
     return CategoryData(root=root, name=name, kind=kind, train=sorted(train, key=lambda s: (s.path.name, str(s.path))),
                         test=sort_samples(test), format=format, skipped=skipped)
 
@@ -124,8 +128,8 @@ def _rows(path: Path) -> list[Row]:
             raise DatasetError(f"{where}: empty path")
         if not row["label"]:
             raise DatasetError(f"{where}: empty label (use {GOOD!r} or a defect name)")
-        category = row.get("category") or path.stem
-        label = int(row["label"] != GOOD)
+        category = plain_name(row.get("category") or path.stem, "category", where)
+        label = int(plain_name(row["label"], "label", where) != GOOD)
         mask = resolve(base, row["mask"]) if row.get("mask") else None
         if mask is not None and not label:
             raise DatasetError(f"{where}: a good image has a mask ({mask}); good images need none")

@@ -1,8 +1,9 @@
 """The VisA layout (Zou et al., ECCV 2022): ``<root>/split_csv/1cls.csv`` lists every image; no torch.
 
 CSV columns ``object`` (the category), ``split`` (``train`` / ``test``), ``label`` (``normal`` / ``anomaly``),
-``image`` and ``mask`` (paths relative to the root; ``mask`` empty for normal images). Masks are not stored as 0/255:
-a pixel is defective when its value is > 0. Every anomaly has the defect name ``anomaly`` (VisA records no types).
+``image`` and ``mask`` (paths relative to the root; ``mask`` empty for normal images); an ``object`` must be a plain
+folder name. Masks are not stored as 0/255: a pixel is defective when its value is > 0. Every anomaly has the
+defect name ``anomaly`` (VisA records no types).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from adspine.data.category import CategoryData, kinds_for
 from adspine.data.images import DatasetError
 from adspine.data.manifest import Row, build_category, read_csv, resolve
+from adspine.data.paths import plain_name
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
@@ -33,6 +35,7 @@ def _rows(root: Path) -> list[Row]:
             raise DatasetError(f"{where}: label {row['label']!r} (valid: {', '.join(LABELS)})")
         if not row["object"] or not row["image"]:
             raise DatasetError(f"{where}: empty object or image")
+        plain_name(row["object"], "object", where)
         label = LABELS[row["label"]]
         mask = resolve(root, row["mask"]) if row["mask"] and label else None
         defect = DEFECT if label else "good"
