@@ -123,11 +123,98 @@ def test_timm_hugging_face_row_payload_never_runs(caches):
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (snap / "pytorch_model.bin").symlink_to(os.path.relpath(blob, snap))
-    assert name_hash(snap / "pytorch_model.bin") == blob.name
+    assert name_hash(blob) == blob.name and name_hash(snap / "pytorch_model.bin") is None
     _refused("resnest50d", "imagenet", snap / "pytorch_model.bin", "pickled objects other than tensors")
     assert not marker.exists()
     blob.write_bytes(blob.read_bytes() + b"x")  # altered blob: caught by the hash before reading
-    _refused("resnest50d", "imagenet", snap / "pytorch_model.bin", "does not match the hash in its name")
+    _refused("resnest50d", "imagenet", snap / "pytorch_model.bin", f"does not match the hash in the name {blob.name}")
+
+
+def _blob(folder, data: bytes, name=None):
+    """A Hugging Face-style blob under ``folder/blobs``, named by its SHA-256 unless ``name`` is given."""
+    blob = folder / "blobs" / (name or hashlib.sha256(data).hexdigest())
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    return blob
+
+
+def _one_line_refusal(path, match):
+    with pytest.raises(InitError, match=match) as err:
+        verify_cached(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_torchvision_name_linked_into_a_blobs_folder_is_checked_against_its_own_name(caches, monkeypatch):
+    """A forged but well-formed state dict in a blob named by its own SHA-256 is refused under a torch.hub name
+    whose hash prefix it does not match; a blob whose SHA-256 does start with that prefix still loads."""
+    forged, _ = build_model(get_spec("resnet18"), "random", init_seed=5)
+    tmp = caches / "forged.pth"
+    torch.save(forged.state_dict(), tmp)
+    data = tmp.read_bytes()
+    blob = _blob(caches / "elsewhere", data)
+    link = caches / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    link.symlink_to(blob)
+    with pytest.raises(InitError, match=r"resnet18-f37072fd.pth \(resolves to .*\): its SHA-256 \(\w{12}\.\.\.\) "
+                                        r"does not match the hash in its name \(f37072fd\)") as err:
+        build_model(get_spec("resnet18"), "imagenet")
+    assert str(err.value).startswith(str(link)) and "\n" not in str(err.value)
+    genuine = link.with_name(f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth")
+    genuine.symlink_to(blob)
+    monkeypatch.setitem(LIBRARY_WEIGHTS["resnet18"], "IMAGENET1K_V1", (f"https://x/{genuine.name}", 69.758))
+    model, rec = build_model(get_spec("resnet18"), "imagenet")
+    assert rec.weights_sha256 == hashlib.sha256(data).hexdigest() == blob.name
+    assert all(torch.equal(v, forged.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_hugging_face_blob_names_are_verified(caches):
+    """Snapshot links to LFS blobs (full SHA-256) and small git blobs (git blob SHA-1, as ``git hash-object``)."""
+    repo = caches / "hf" / "models--timm--x"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    data = b"tensor bytes" * 100
+    lfs = _blob(repo, data)
+    (snap / "model.safetensors").symlink_to(os.path.relpath(lfs, snap))
+    assert verify_cached(snap / "model.safetensors") == hashlib.sha256(data).hexdigest()
+    small = b'{"architecture": "x"}\n'
+    git_sha1 = subprocess.run(["git", "hash-object", "--stdin"], input=small, capture_output=True,
+                              check=True).stdout.decode().strip()
+    (snap / "config.json").symlink_to(_blob(repo, small, git_sha1))
+    assert verify_cached(snap / "config.json") == hashlib.sha256(small).hexdigest()
+    (snap / "bad.json").symlink_to(_blob(repo, small, git_sha1[::-1]))
+    _one_line_refusal(snap / "bad.json", rf"resolves to .*: its git blob SHA-1 \({git_sha1[:12]}\.\.\.\) does not "
+                                         rf"match the hash in the name {git_sha1[::-1]}")
+    forged_name = _blob(repo, b"forged", "ab" * 32)  # a blob whose name is not its SHA-256
+    (snap / "pytorch_model.bin").symlink_to(forged_name)
+    _one_line_refusal(snap / "pytorch_model.bin", f"does not match the hash in the name {'ab' * 32}")
+
+
+def test_links_out_of_the_cache_need_a_hash_in_the_target_name(caches):
+    outside = caches / "outside"
+    outside.mkdir()
+    evil = outside / "evil.bin"
+    evil.write_bytes(b"forged")
+    snap = caches / "hf" / "models--timm--x" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "pytorch_model.bin").symlink_to(evil)
+    _one_line_refusal(snap / "pytorch_model.bin", r"a link to .*evil.bin, outside the cache .*models--timm--x, whose "
+                                                  r"name states no hash")
+    prefix = hashlib.sha256(b"forged").hexdigest()[:8]
+    ckpt = caches / "hub" / "checkpoints"
+    (ckpt / f"r-{prefix}.pth").symlink_to(evil)  # the link's own name matches, the target's states nothing
+    _one_line_refusal(ckpt / f"r-{prefix}.pth", "outside the cache")
+    named = outside / f"evil-{prefix}.pth"
+    evil.rename(named)
+    (ckpt / f"s-{prefix}.pth").symlink_to(named)  # out of the cache, but the target's own name checks out
+    assert verify_cached(ckpt / f"s-{prefix}.pth") == hashlib.sha256(b"forged").hexdigest()
+    (ckpt / "t-00000000.pth").symlink_to(named)
+    _one_line_refusal(ckpt / "t-00000000.pth", r"does not match the hash in its name \(00000000\)")
+    inside = ckpt / "plain.pth"  # a link inside the cache to an unnamed file is taken as it is
+    inside.write_bytes(b"x")
+    (ckpt / "u.pth").symlink_to(inside)
+    assert verify_cached(ckpt / "u.pth") == hashlib.sha256(b"x").hexdigest()
+    (ckpt / f"v-{prefix}.pth").symlink_to(ckpt / "missing.pth")
+    _one_line_refusal(ckpt / f"v-{prefix}.pth", "cannot resolve the cached file")
 
 
 def test_ibn_row_payload_never_runs(caches):

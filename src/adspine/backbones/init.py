@@ -201,18 +201,20 @@ def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], origin: str,
         raise InitError(f"{origin}: cannot load into {name} ({first})") from None
 
 
-def read_state_file(path: Path, cached: bool = False) -> dict[str, torch.Tensor]:
+def read_state_file(path: Path, cached: bool = False, read: Path | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file (safetensors) or ``.pth/.pt/.bin`` file (``torch.load(weights_only=True)``:
-    never unpickles anything but tensors); any failure is one line naming the file."""
+    never unpickles anything but tensors); any failure is one line naming the file. ``read``: the file to read instead
+    of ``path`` (a cache link's checked target; ``path`` names the format and the file in messages)."""
     again = "; delete it and download it again" if cached else ""
     suffix = path.suffix.lower()
+    read = path if read is None else read
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            obj = load_file(str(path))
+            obj = load_file(str(read))
         elif suffix in (".pth", ".pt", ".bin") or cached:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(read, map_location="cpu", weights_only=True)
         else:
             raise InitError(f"{path}: unsupported weights file type {suffix!r}; use .safetensors or .pth")
     except InitError:
@@ -237,8 +239,12 @@ def load_state_file(model: nn.Module, path: str | Path, name: str = "the model",
     path = Path(path).expanduser()
     if not path.is_file():
         raise InitError(f"{path}: weights file not found")
-    digest = verify_cached(path) if cached else sha256_file(path)
-    sd = read_state_file(path, cached)
+    if cached:  # read the file that was checked (a link's target), not the link again; the format is the link's
+        digest, real = verify_cached(path), path.resolve(strict=True)
+        sd = read_state_file(path, cached, read=real)
+    else:
+        digest = sha256_file(path)
+        sd = read_state_file(path, cached)
     if convert is not None and set(sd) != set(model.state_dict()):
         try:
             sd = convert(sd)

@@ -2,9 +2,12 @@
 
 Pretrained files are found in the caches the libraries use (torch.hub's ``checkpoints`` folder, the Hugging Face
 cache, installed packages) from the addresses in ``library_weights.LIBRARY_WEIGHTS`` (torchvision/timm metadata) and
-the registry rows (IBN-Net). Before a cached file is read, the hash its name states is checked against its bytes:
-torch.hub names (``resnet18-f37072fd.pth``: the SHA-256 starts with the part after the last ``-``) and Hugging Face
-blobs (named by their full SHA-256). ``check_weights`` validates a request without building anything.
+the registry rows (IBN-Net). Before a cached file is read, its links are resolved and every hash its names state is
+checked against its bytes: torch.hub names (``resnet18-f37072fd.pth``: the SHA-256 starts with the part after the
+last ``-``) and Hugging Face blobs (LFS files, i.e. weights: the full SHA-256; small files kept in git: the git blob
+SHA-1); a link out of its cache must end at such a name (``verify_cached``). A Hugging Face snapshot name states no
+hash, so its blob's check shows the file is intact, not that it is the published one. ``check_weights`` validates a
+request without building anything.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ HF_PREFIX = "hf-hub:"
 #: ``name-<hex>.ext``: torch.hub's convention for the SHA-256 prefix in a checkpoint's file name
 _NAME_HASH = re.compile(r"-([0-9a-f]{6,64})\.[^-]*$")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -129,30 +133,82 @@ def weights_location(spec: BackboneSpec, tag: str | None = None) -> WeightsLocat
 # ----------------------------------------------------------------------------------------------- integrity
 
 
-def name_hash(path: Path) -> str | None:
-    """The SHA-256 (prefix) a cached file's name states: torch.hub ``name-<hex>.ext``, or a Hugging Face blob."""
-    real = path.resolve()
-    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
-        return real.name
+def _stated(path: Path) -> tuple[str, str] | None:
+    """``(algorithm, hex)`` that ``path``'s own name states, links not followed: ``sha256`` (torch.hub
+    ``name-<hex>.ext``: a prefix; a Hugging Face blob: in full) or ``git-sha1`` (a Hugging Face blob of a small file
+    kept in git rather than LFS, named by its git blob SHA-1)."""
+    if path.parent.name == "blobs":
+        if _SHA256.fullmatch(path.name):
+            return "sha256", path.name
+        if _SHA1.fullmatch(path.name):
+            return "git-sha1", path.name
     m = _NAME_HASH.search(path.name)
-    return m.group(1) if m else None
+    return ("sha256", m.group(1)) if m else None
+
+
+def name_hash(path: Path) -> str | None:
+    """The hash (prefix) a cached file's own name states (links not followed), or None."""
+    stated = _stated(path)
+    return stated[1] if stated else None
 
 
 def sha256_file(path: Path) -> str:
+    return _digests(path)[0]
+
+
+def _digests(path: Path, git_sha1: bool = False) -> tuple[str, str | None]:
+    """SHA-256 of a file's bytes and, if asked, its git blob SHA-1 (of ``b"blob <size>\\0"`` + bytes), in one read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        g = hashlib.sha1(b"blob %d\0" % os.fstat(f.fileno()).st_size) if git_sha1 else None
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+            if g is not None:
+                g.update(chunk)
+    return h.hexdigest(), None if g is None else g.hexdigest()
+
+
+def _cache_root(path: Path) -> Path:
+    """The cache a requested file belongs to: its Hugging Face repository folder (``models--*``, above
+    ``snapshots``), else the folder that lists it (torch.hub's ``checkpoints``)."""
+    for parent in path.parents:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            return parent.parent
+    return path.parent
 
 
 def verify_cached(path: Path) -> str:
-    """SHA-256 of a cached pretrained file, after checking it against the hash its name states (one-line error)."""
-    digest = sha256_file(path)
-    stated = name_hash(path)
-    if stated is not None and not digest.startswith(stated):
-        raise InitError(f"{path}: its SHA-256 ({digest[:12]}...) does not match the hash in its name ({stated}): the "
-                        f"cached file is corrupt or was replaced; delete it and download it again")
+    """SHA-256 of a cached pretrained file after its integrity checks (one-line ``InitError`` naming the file).
+
+    Links are resolved first and the resolved file is what is hashed. The hash the requested name states and the hash
+    the resolved file's own name states must both match its bytes (so a torch.hub name linked to a Hugging Face blob
+    is checked against both names). A link that leaves its cache (``_cache_root``) is refused unless the resolved
+    file's own name states a hash. A file whose names state none (a Hugging Face snapshot file stored without links)
+    is taken as it is.
+    """
+    again = "; delete it and download it again"
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # broken or looping link
+        raise InitError(f"{path}: cannot resolve the cached file ({getattr(e, 'strerror', None) or e}){again}") \
+            from None
+    moved = real != path.absolute()
+    where = f" (resolves to {real})" if moved else ""
+    own, target = _stated(path), _stated(real) if moved else None
+    if moved and target is None:
+        root = _cache_root(path.absolute()).resolve()
+        if not real.is_relative_to(root):
+            raise InitError(f"{path}: a link to {real}, outside the cache {root}, whose name states no hash to check "
+                            f"its bytes against; refused{again}")
+    digest, git_sha1 = _digests(real, git_sha1=target is not None and target[0] == "git-sha1")
+    for stated, name in ((own, "its name ({})"), (target, "the name {}")):
+        if stated is None:
+            continue
+        algo, expected = stated
+        actual, label = (git_sha1, "git blob SHA-1") if algo == "git-sha1" else (digest, "SHA-256")
+        if not actual.startswith(expected):
+            raise InitError(f"{path}{where}: its {label} ({actual[:12]}...) does not match the hash in "
+                            f"{name.format(expected)}: the cached file is corrupt or was replaced{again}")
     return digest
 
 
