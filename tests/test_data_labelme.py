@@ -124,3 +124,72 @@ def test_cli_prints_counts(annotated, tmp_path):
     assert result.exit_code == 0, result.output
     assert "5 files: 2 defective with masks, 2 good (empty masks), 1 defective without shapes" in result.stdout
     assert "skipped:line 1" in result.stdout
+
+
+# -- images kept elsewhere (bare imagePath), their sizes, and output that stays inside --out -------------------------
+@pytest.fixture
+def separate(tmp_path):
+    """JSON files in ``ann/`` naming bare files (one a Windows path) that live in ``photos/`` (and a sub-folder)."""
+    ann, photos = tmp_path / "ann", tmp_path / "photos"
+    ann.mkdir()
+    for name, folder in (("a", photos), ("b", photos / "cam2"), ("c", photos)):
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((H, W, 3), 90, dtype=np.uint8)).save(folder / f"{name}.jpg")
+    shapes = [_shape("rectangle", [[1, 1], [9, 9]])]
+    for name, stored in (("a", "a.jpg"), ("b", "C:\\Users\\me\\Pictures\\b.jpg"), ("c", "c.jpg")):
+        meta = {"shapes": shapes, "imagePath": stored, "imageHeight": H, "imageWidth": W, "flags": {}}
+        (ann / f"{name}.json").write_text(json.dumps(meta))
+    return ann, photos
+
+
+def test_bare_image_paths_are_found_in_the_images_folder(separate, tmp_path):
+    ann, photos = separate
+    masks_from_labelme(ann, tmp_path / "out", images=photos)
+    rows = list(csv.DictReader((tmp_path / "out" / "labels.csv").open()))
+    found = [(tmp_path / "out" / r["path"]).resolve() for r in rows]
+    assert found == [(photos / "a.jpg").resolve(), (photos / "cam2" / "b.jpg").resolve(),
+                     (photos / "c.jpg").resolve()]
+
+
+def test_missing_images_are_counted_named_and_nothing_is_written(separate, tmp_path):
+    ann, photos = separate
+    result = CliRunner().invoke(app, ["masks-from-labelme", str(ann), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {ann}: 3 of 3 LabelMe file(s) name an image not found beside the JSON (pass --images DIR, the "
+        "folder holding the photos): a.json -> a.jpg; b.json -> C:\\Users\\me\\Pictures\\b.jpg; c.json -> c.jpg"]
+    assert not (tmp_path / "o").exists()
+    (photos / "c.jpg").unlink()
+    with pytest.raises(DatasetError, match=f"^{ann}: 1 of 3 .* in --images {photos}: c.json -> c.jpg$"):
+        masks_from_labelme(ann, tmp_path / "o", images=photos)
+    assert not (tmp_path / "o").exists()
+
+
+def test_size_mismatch_with_the_annotation_is_refused(separate, tmp_path):
+    ann, photos = separate
+    Image.fromarray(np.zeros((W, H, 3), dtype=np.uint8)).save(photos / "a.jpg")  # stored rotated
+    with pytest.raises(DatasetError, match=rf"^{ann}: 1 of 3 .* differ in size .*: a.json says {W}x{H}, "
+                                           rf".*a.jpg is {H}x{W} \(EXIF-rotated\?\)$"):
+        masks_from_labelme(ann, tmp_path / "o", images=photos)
+    assert not (tmp_path / "o").exists()
+
+
+def test_traversal_never_writes_outside_out(tmp_path):
+    src, outside = tmp_path / "deep" / "er" / "src", tmp_path / "outside"
+    _labelme(src, "a", [_shape("rectangle", [[1, 1], [5, 5]])])
+    outside.mkdir()
+    Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(outside / "x.png")
+    meta = json.loads((src / "a.json").read_text())
+    (src / "a.json").write_text(json.dumps({**meta, "imagePath": "../../../outside/x.png"}))
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "deep" / "out"
+    masks_from_labelme(src, out)  # reading an image up the tree is allowed (LabelMe stores relative paths)
+    assert {p for p in tmp_path.rglob("*") if not p.is_relative_to(out)} == before
+    row = next(csv.DictReader((out / "labels.csv").open()))
+    assert (out / row["path"]).resolve() == (outside / "x.png").resolve()
+    (src / "a.json").write_text(json.dumps({**meta, "shapes": [_shape("rectangle", [[1, 1], [5, 5]],
+                                                                       "../../../outside/evil")]}))
+    result = CliRunner().invoke(app, ["masks-from-labelme", str(src), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[0].startswith(f"error: {src / 'a.json'}: label '../../../outside/evil'")
+    assert not (tmp_path / "o2").exists() and {p for p in tmp_path.rglob("*") if not p.is_relative_to(out)} == before
