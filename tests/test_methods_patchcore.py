@@ -130,12 +130,14 @@ def test_bfloat16_search_on_offset_near_duplicates_equals_float64_bruteforce():
 
 
 def test_bfloat16_search_without_its_error_bound_misses_nearest_rows(monkeypatch):
-    """The data above needs the bound: with the rounding allowance set to zero the screen drops true neighbours."""
-    from adspine.methods import knn, screen
+    """The data above needs the bound: with the rounding allowance set to zero the screen drops true neighbours (they
+    are found again by the exact fallback, which is switched off here to see it)."""
+    from adspine.methods import screen
 
+    monkeypatch.setattr(NearestBank, "_exhaustive", lambda self, q: (torch.zeros(len(q), dtype=torch.float64),
+                                                                     torch.full((len(q),), -1)))
     monkeypatch.setattr(screen, "U", 0.0)
-    monkeypatch.setattr(knn, "LB_SLACK", 0.0)
-    monkeypatch.setattr(screen, "bound_coefficients", lambda c, width: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(screen, "bound_coefficients", lambda *args, **kwargs: (0.0, 0.0, 0.0))
     bank, queries = _near_tie_data()
     _, idx = NearestBank(bank, components=60, leaf=32, block=128, precision="bfloat16").search(queries)
     assert idx.tolist() != _bruteforce(bank, queries)[1].tolist()
@@ -148,7 +150,7 @@ def _perturbed_projection(search: NearestBank, queries: torch.Tensor, size: floa
     return (exact + size * noise / noise.norm(dim=1, keepdim=True)).float()
 
 
-def test_bfloat16_search_with_the_callers_projection_honours_its_error_bound():
+def test_bfloat16_search_with_the_callers_projection_honours_its_error_bound(monkeypatch):
     bank, queries = _near_tie_data()
     search = NearestBank(bank, components=60, leaf=32, block=128, precision="bfloat16")
     proj = _perturbed_projection(search, queries, 1.0)
@@ -156,7 +158,11 @@ def test_bfloat16_search_with_the_callers_projection_honours_its_error_bound():
     d2, idx = search.search(queries, proj, proj_err=1.0)
     assert idx.tolist() == want[1].tolist()
     np.testing.assert_allclose(d2.numpy(), want[0], rtol=1e-5, atol=1e-9)
-    _, idx = search.search(queries, proj, proj_err=0.0)  # the same error, not declared: true neighbours are lost
+    _, idx = search.search(queries, proj, proj_err=0.0)  # the same error, not declared: some winners are not
+    assert idx.tolist() == want[1].tolist() and search.last_fallback > 0  # certified, the exact search finds them
+    monkeypatch.setattr(NearestBank, "_exhaustive", lambda self, q: (torch.zeros(len(q), dtype=torch.float64),
+                                                                     torch.full((len(q),), -1)))
+    _, idx = search.search(queries, proj, proj_err=0.0)  # without that fallback true neighbours are lost
     assert idx.tolist() != want[1].tolist()
     with pytest.raises(ValueError, match=r"proj must be \(200, 60\)"):
         search.search(queries, proj[:, :5])

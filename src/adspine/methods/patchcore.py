@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from adspine.methods import knn
+from adspine.methods import screen as screening
 from adspine.methods.base import AnomalyMethod, CostShape, MethodInfo, Prediction
 from adspine.methods.postprocess import DEFAULT_SIGMA, patch_scores_to_map
 
@@ -102,18 +103,25 @@ def project_parts(parts: Sequence[tuple[int, int, torch.Tensor]], ref: tuple[int
                   basis: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``(embedding - centre) @ basis`` (B * H * W, k) from the layers' parts (``_layer_parts``, disjoint columns),
     each projected on its own grid and then resized (both linear: a deeper layer's rows are multiplied at its
-    coarser grid, 1/4 of the rows for layer 3 of ResNets), and a bound of each row's error norm:
-    ``knn.PROJ_REL`` times |centre| plus the largest row norm of each part (twice for a resized part, whose
-    interpolation adds float32 rounding of its inputs' size)."""
-    total, scale = None, float(centre.double().norm())
+    coarser grid, 1/4 of the rows for layer 3 of ResNets), and a worst-case bound of each row's error norm against
+    the exact orthonormal projection of the assembled embedding: per part ``knn.proj_error`` of its largest row norm;
+    a resized part adds the bilinear resize's float32 rounding twice (of the projection and of the embedding the
+    search scores, each within ``gamma_4`` of the largest row norm: weights >= 0 summing to 1); the centre's
+    projection ``knn.proj_error`` of ``|centre|``; the ``len(parts)`` additions ``gamma_{len(parts)}`` of it all."""
+    total, d, k = None, basis.shape[0], basis.shape[1]
+    c_norm = float(centre.double().norm())
+    err, size = knn.proj_error(d, k, c_norm), c_norm
     for lo, hi, y in parts:
         b, h, w, c = y.shape
         rows = y.reshape(-1, c)
         p = _resize((rows @ basis[lo:hi]).view(b, h, w, -1), ref)
         total = p if total is None else total.add_(p)
-        scale += (1 if (h, w) == ref else 2) * float(torch.linalg.vector_norm(rows, dim=1).max())
-    total = total.reshape(-1, basis.shape[1]).sub_(centre @ basis)
-    return total, knn.PROJ_REL * scale
+        top = float(torch.linalg.vector_norm(rows, dim=1).max()) if rows.numel() else 0.0
+        err += knn.proj_error(c, k, top) + (0.0 if (h, w) == ref else 2 * screening.gamma(4) * top * 1.01)
+        size += top * 1.01
+    total = total.reshape(-1, k).sub_(centre @ basis)
+    err += screening.gamma(len(parts)) * size
+    return total, err * screening.inflation(d)
 
 
 def _pooling_matrix(n: int, target: int) -> torch.Tensor:

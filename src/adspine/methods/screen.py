@@ -5,7 +5,8 @@ returns candidate rows that are guaranteed to contain every query's nearest row 
 scores the candidates exactly (float64 differences), so the result is the exact nearest distance, not an
 approximation.
 
-How the guarantee is kept (``u = 2^-8``, twice bfloat16's rounding of 2^-9):
+How the guarantee is kept (``u = 2^-8``, bfloat16's unit roundoff: 8 significant bits, round to nearest errs by up
+to 2^-8 relative; the derivation, term by term, is in docs/methods.md, "Error bounds of the searches"):
 
 - Rows and queries are written as bfloat16 vectors ``[-2 g', |g|^2_hi, |g|^2_lo, 1]`` and ``[q', 1, 1, |q|^2_hi]``
   of width ``32 * ceil(C / 32)`` (the AMX tile depth; a width of 64 runs twice as fast as 70). When the three norm
@@ -15,15 +16,17 @@ How the guarantee is kept (``u = 2^-8``, twice bfloat16's rounding of 2^-9):
   as the screen). One GEMM
   gives ``D ~ |q - g|^2 + delta_q`` (fp32 accumulation, one bfloat16 rounding of the result), where
   ``delta_q = |q|^2_hi - |q|^2`` is known exactly and shifts all of a query's entries alike.
-- ``|D - delta_q - |q - g|^2| <= u |D| + E``, ``E = 1.5 [(2u + 2^-14 + 4 C 2^-24) |q| max|g| + 2 |q_tail| max|g_tail|
-  + (2^-15 + width 2^-23) (|q|^2 + max|g|^2) + C 2^-23 |q|^2] + 1e-30`` with the maxima over a tile of ``TILE``
-  rows (rows are sorted by norm inside each image, so a tile's maximum is close to each of its rows): rounding of the
-  coordinates to bfloat16 (2^-9 each), the dropped coordinates (Cauchy-Schwarz), the two-piece norms, fp32
-  accumulation, the rotation and the float32 sum behind ``delta_q``, with a factor 1.5 to spare. ``probe_ok`` checks
-  the bound on random data once per process.
+- ``|D - delta_q - |q - g|^2| <= u |D| + E``, ``E = c_qg |q| max|g| + 2 |q_tail| max|g_tail| + c_sq max|g|^2
+  + c_q |q|^2 + 1e-30`` (``bound_coefficients``: worst case, no factor to spare and none halved) with the maxima over
+  a tile of ``TILE`` rows (rows are sorted by norm inside each image, so a tile's maximum is close to each of its
+  rows): bfloat16 rounding of both operands of each product (``(2u + u^2) |2 q_i g_i|``), the float32 rotation,
+  fp32 accumulation of ``width`` products (Higham's ``gamma_n = n 2^-24 / (1 - n 2^-24)`` times the sum of their
+  magnitudes), the dropped coordinates (Cauchy-Schwarz), the two-piece norms, the float32 sum behind ``delta_q``.
+  ``probe_ok`` checks the bound on random data once per process (a check that this build's GEMM is the one
+  assumed: fp32 accumulation, one rounding of the result), not its proof.
 - Pass 1: per tile the minimum of D per query (bfloat16 bit patterns read as int16 keep the order of non-negative
-  values; a negative D, possible only through rounding, reads as smaller than all of them and only widens the
-  screen); from these an upper bound ``U`` of each query's nearest squared distance, and the tiles whose lower bound
+  values; a negative D, possible only through rounding, reads as smaller than all of them: its tile is always kept);
+  from these an upper bound ``U`` of each query's nearest squared distance, and the tiles whose lower bound
   is within ``U``.
 - Pass 2: per kept tile, D again for the queries that kept it; its rows with ``D - delta_q - u |D| - E <= U`` are the
   candidates (the nearest row always passes). A query keeping more than ``MAX_KEPT`` of the tiles (features without
@@ -40,8 +43,9 @@ import torch
 
 from adspine.methods.threads import map_one_thread_each
 
-U = 2.0**-8  # bfloat16 rounds to nearest within 2^-9 (relative); the bound uses twice that
-SAFETY = 1.5
+U = 2.0**-8  # bfloat16's unit roundoff: round to nearest errs by up to 2^-8 relative (1 + 0.99 * 2^-8 rounds to 1)
+U32 = 2.0**-24  # float32's unit roundoff
+F64_REL = 2.0**-40  # relative allowance for sums done in float64 (n 2^-53 for n < 8,000 terms)
 TILE = 256  # rows per tile: the unit of the per-tile bounds
 ROTATE_MAX = 256  # wider rows are not rotated (see GalleryScreen)
 QUERY_BLOCK = 256  # queries per GEMM (measured: 256 beats 128 by ~15%, 512 gains little more)
@@ -84,13 +88,33 @@ def probe_ok(seed: int = 0) -> bool:
     return True
 
 
-def bound_coefficients(c: int, width: int) -> tuple[float, float, float]:
-    """Coefficients of the screen's error bound (see the module) for ``c`` coordinates in rows of ``width``:
-    ``E = c_qg |q| |g| + c_sq |g|^2 + c_q |q|^2`` before the dropped coordinates' term (``|q|``, ``|g|``: norms of
-    the vectors whose coordinates are multiplied; ``c_q`` also covers the float32 ``|q|^2`` behind ``delta_q``)."""
-    c_qg = SAFETY * (2 * U + 2.0**-14 + 4 * c * 2.0**-24)  # bfloat16 inputs, fp32 accumulation, rotation
-    c_sq = SAFETY * (2.0**-15 + width * 2.0**-23)  # two-piece norms, accumulation of the norm columns
-    return c_qg, c_sq, c_sq + SAFETY * c * 2.0**-23
+def gamma(n: int, unit: float = U32) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: a sum of ``n`` products in that precision errs by at most gamma_n
+    times the sum of their magnitudes, in any order of summation."""
+    if n * unit >= 0.5:
+        raise ValueError(f"{n} terms is too many for a rounding bound in this precision")
+    return n * unit / (1 - n * unit)
+
+
+def inflation(c: int) -> float:
+    """Factor on bound coefficients covering the float32 evaluation of the bound itself (norms from float32 sums of
+    ``c`` squares: relative error below ``c 2^-24``; a few float32 products: below 2^-10)."""
+    return 1 + 2.0**-10 + c * 2.0**-23
+
+
+def bound_coefficients(c: int, width: int, rho: float = 0.0, sq_terms: int | None = None) -> tuple[float, float, float]:
+    """Worst-case coefficients of the screen's error bound (see the module and docs/methods.md) for ``c`` multiplied
+    coordinates in rows of ``width``: ``E = c_qg |q| |g| + c_sq |g|^2 + c_q |q|^2`` before the dropped coordinates'
+    term (``|q|``, ``|g|``: norms of the vectors whose coordinates are multiplied). ``rho``: relative error norm of
+    each side's float32 coordinates against an exact orthogonal map of them (rotation, projection rounding);
+    ``sq_terms``: squares summed in float32 for ``|q|^2`` (default ``c``), whose error ``c_q`` covers."""
+    acc = gamma(width)  # fp32 accumulation of the width products (exact in fp32: 8 x 8 significant bits)
+    grow = (1 + U) ** 2 * (1 + rho) ** 2  # |q~_i g~_i| <= (1 + u)^2 |q'_i g'_i|, |q'| <= (1 + rho) |q|
+    c_qg = 2 * ((2 * U + U * U) * (1 + rho) ** 2 + 2 * rho + rho * rho + acc * grow)
+    c_sq = U * U + 2 * U32 + F64_REL + acc * (1 + 2 * U)  # two-piece |g|^2 (from float64), accumulation
+    c_q = gamma((sq_terms or c) + 1) + acc * (1 + 2 * U)  # float32 |q|^2 behind delta_q, accumulation
+    f = inflation(max(c, sq_terms or c))
+    return c_qg * f, c_sq * f, c_q * f
 
 
 class GalleryScreen:
@@ -104,12 +128,14 @@ class GalleryScreen:
         flat = rows.reshape(-1, c)
         self.width = 32 * -(-c // 32)
         # three columns carry the norms: spare ones, else those of the three smallest-variance coordinates (dropped)
-        self.rotation = None
+        self.rotation, self.rho = None, 0.0
         if c + 3 <= self.width:
             self.slots, self.dropped = torch.arange(c, c + 3), torch.arange(0)
         elif c <= ROTATE_MAX:  # rotated onto the principal axes, largest variance first
             _, vecs = torch.linalg.eigh((flat.T @ flat).double())
             self.rotation = vecs.flip(1).to(torch.float32).contiguous()
+            # float32 product with a float32-rounded orthogonal matrix: error norm <= (gamma_C + u) sqrt(C) |q|
+            self.rho = (gamma(c) + U32) * c**0.5 * (1 + U32) + F64_REL
             self.slots = self.dropped = torch.arange(c - 3, c)
         else:  # wide rows keep their axes (a C x C rotation per query would cost as much as the screen)
             self.slots = self.dropped = flat.square().sum(dim=0).argsort()[:3].sort().values
@@ -143,9 +169,9 @@ class GalleryScreen:
         aug[:, self.slots] = torch.stack([torch.ones_like(hi), torch.ones_like(hi), hi], dim=1)
         idx = torch.as_tensor(list(images), dtype=torch.long)
         gmax, tmax = self.norm_max[idx].unsqueeze(2), self.tail_max[idx].unsqueeze(2)  # (images, tiles, 1)
-        c_qg, c_sq, c_q = bound_coefficients(c, self.width)
+        c_qg, c_sq, c_q = bound_coefficients(c, self.width, self.rho)
         a = c_qg * sq.sqrt()
-        b = (2 * SAFETY) * rot[:, self.dropped].double().square().sum(dim=1).sqrt()
+        b = 2 * inflation(c) * rot[:, self.dropped].double().square().sum(dim=1).sqrt()
         f32 = torch.float32  # each float32 rounding below is covered by the relative 1e-5 added at the end
         err = (gmax.to(f32) * a.to(f32)).addcmul_(tmax.to(f32), b.to(f32)).add_((c_sq * gmax**2 + 1e-30).to(f32))
         return aug, hi.double() - sq, err.add_((c_q * sq).to(f32)).mul_(1 + 1e-5)
@@ -174,9 +200,10 @@ class GalleryScreen:
         # float32 bounds, each rounding covered by the relative 1e-5 on E and 1e-6 on U
         v = mins[..., :nq].view(torch.bfloat16).to(torch.float32)  # (images, tiles, Q)
         slack = v.abs().mul_(U).add_(err)
+        negative = v < 0  # the int16 minimum of a tile holding a negative D is some negative D, not the smallest
         v.sub_(shift.to(torch.float32))
-        upper = (v + slack).view(-1, nq).amin(dim=0).mul_(1 + 1e-6)  # (Q,)
-        kept = v.sub_(slack) <= upper  # tiles that may hold the nearest row
+        upper = (v + slack).view(-1, nq).amin(dim=0).mul_(1 + 1e-6)  # (Q,): any row's D gives an upper bound
+        kept = (v.sub_(slack) <= upper) | negative  # tiles that may hold the nearest row
         # a query keeping many tiles (features without structure: distances all alike) is not worth screening
         unscreened = (kept.view(-1, nq).sum(dim=0) > MAX_KEPT * n_img * nt).nonzero().flatten()
         kept[:, :, unscreened] = False
@@ -186,7 +213,8 @@ class GalleryScreen:
         def keep_rows(qs: torch.Tensor, d: torch.Tensor, k: int, j: int, t: torch.Tensor, r0: torch.Tensor) -> None:
             """Rows of ``d`` (pairs, TILE) int16 (tile ``t``, first row ``r0`` per pair) whose D passes."""
             # a row is a candidate when D (1 - u) <= U + E + delta_q (D >= 0; a negative D always passes)
-            lim = bf16_at_least((upper64[qs] + err[k, t, qs].double() + shift[qs]) / (1 - U)).view(torch.int16)
+            lim = ((upper64[qs] + err[k, t, qs].double() + shift[qs]) / (1 - U)).clamp_(min=0)  # >= 0: int16 order
+            lim = bf16_at_least(lim).view(torch.int16)
             c, r = (d <= lim[:, None]).nonzero(as_tuple=True)
             row = r0[c] + r
             ok = row < self.p

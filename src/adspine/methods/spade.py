@@ -33,7 +33,7 @@ from adspine.methods.screen import GalleryScreen, fast_bf16
 from adspine.methods.threads import map_one_thread_each
 
 GALLERY_BLOCK = 256  # gallery rows per GEMM block: (queries x 256) float32 buffer stays in cache
-TARGET_REL_ERROR = 1e-5  # nearest distances whose float32 expansion error may exceed this are recomputed directly
+TARGET_REL_ERROR = 1e-5  # squared distances whose float32 expansion error may exceed this are searched exactly
 
 
 class SPADEError(ValueError):
@@ -47,9 +47,10 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
 
     ``gallery``: (N, P, C) float32; ``gallery_sq``: its squared row norms (N, P). With a ``screen`` (built on this
     gallery): its candidate rows, scored exactly in float64 (``screened_sq_dist``). Otherwise float32 blocks of
-    ``|g|^2 - 2 q.g`` with a running row minimum, then ``+ |q|^2``, clamped at 0. That expansion's rounding error for
-    the winner is about ``u (|q|^2 + |g|^2)`` (u = float32 epsilon); queries whose minimum is small against it
-    (near-duplicate patches) are recomputed in float64 (``refine_nearest``)."""
+    ``|g|^2 - 2 q.g`` with a running row minimum, then ``+ |q|^2``, clamped at 0. That expansion's worst-case rounding
+    error grows with the channel count C (``gamma_{C+4} (|q| + |g|)^2``); queries where it may exceed
+    ``TARGET_REL_ERROR`` of the squared distance (half that of the distance) are searched again exactly
+    (``exact_near``), so every result is within the target whatever C."""
     q = queries.contiguous()
     if screen is not None and q.shape[0] * len(images) * gallery.shape[1] * gallery.shape[2] >= screening.MIN_MACS:
         out, unscreened = screened_sq_dist(q, screen, images, threads)
@@ -80,14 +81,47 @@ def nearest_patch_sq_dist(queries: torch.Tensor, gallery: torch.Tensor, gallery_
         run(parts[0])
     else:
         map_one_thread_each(run, parts)
-    # the winner g lies within d of q, so |g| <= |q| + d: the expansion's rounding error for it is about
-    # u (|q|^2 + (|q| + d)^2); where that is not small against d^2, recompute in float64
-    q_sq = q.square().sum(dim=1)
-    bound = torch.finfo(torch.float32).eps * (q_sq + (q_sq.sqrt() + out.sqrt()) ** 2)
-    flagged = torch.nonzero(out * (2.0 * TARGET_REL_ERROR) < bound).flatten()
+    # worst-case rounding of the expansion for a row g (Higham, C + 4 roundings: the dot product, |g|^2, |q|^2, the
+    # additions): gamma (|q| + |g|)^2; the winner and the true nearest row lie within dmax of q (see ``_reach``);
+    # where that error may exceed TARGET_REL_ERROR of the squared distance, the query is re-searched exactly
+    c = q.shape[1]
+    gam = screening.gamma(c + 4) * screening.inflation(c)
+    q_norm = (q.square().sum(dim=1).double() * (1 + screening.gamma(c + 1))).sqrt()
+    err = gam * (2 * q_norm + _reach(out.double(), q_norm, gam)) ** 2
+    flagged = torch.nonzero(~(err < TARGET_REL_ERROR * out.double())).flatten()
     if flagged.numel():
-        out[flagged] = refine_nearest(q[flagged], gallery, images)
+        out[flagged] = exact_near(q[flagged], gallery, gallery_sq, images, out[flagged].double() + 2 * err[flagged],
+                                  block)
     return out
+
+
+def _reach(out: torch.Tensor, q_norm: torch.Tensor, gam: float) -> torch.Tensor:
+    """Upper bound of the true distance of the float32 winner (and so of the true nearest row) from its computed
+    squared distance ``out``: ``d^2 <= out + gam (2 |q| + d)^2`` gives ``d <= (sqrt(out) + 2 sqrt(gam) |q|) /
+    (1 - sqrt(gam))``."""
+    root = gam**0.5
+    return (out.clamp(min=0).sqrt() + 2 * root * q_norm) / (1 - root)
+
+
+def exact_near(queries: torch.Tensor, gallery: torch.Tensor, gallery_sq: torch.Tensor, images: Sequence[int],
+               limit: torch.Tensor, block: int = GALLERY_BLOCK) -> torch.Tensor:
+    """Squared distance (F,) float32 of each query to its nearest row among ``gallery[images]``, exact: the float32
+    expansion again, every row whose value is within ``limit`` (F,) float64 (the winner's plus twice the rounding
+    bound: the true nearest row always is) scored in float64 from the differences."""
+    best = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
+    q = queries.contiguous()
+    lim = (limit - q.square().sum(dim=1).double()).to(torch.float32)
+    lim = torch.where(lim.double() < limit - q.square().sum(dim=1).double(),
+                      torch.nextafter(lim, torch.tensor(float("inf"))), lim)  # rounded up
+    for j in images:
+        g, gsq = gallery[j], gallery_sq[j]
+        for a in range(0, g.shape[0], block):
+            prod = torch.addmm(gsq[a : a + block], q, g[a : a + block].T, alpha=-2.0)
+            qi, r = (prod <= lim.unsqueeze(1)).nonzero(as_tuple=True)
+            if qi.numel():
+                d2 = (q[qi].double() - g[a + r].double()).square_().sum(dim=1)
+                best.scatter_reduce_(0, qi, d2, "amin")
+    return best.float()
 
 
 def screened_sq_dist(queries: torch.Tensor, screen: GalleryScreen, images: Sequence[int],
@@ -99,22 +133,6 @@ def screened_sq_dist(queries: torch.Tensor, screen: GalleryScreen, images: Seque
     d2 = (queries[qi].double() - flat[rows].double()).square_().sum(dim=1)
     best = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
     return best.scatter_reduce_(0, qi, d2, "amin").float(), unscreened
-
-
-def refine_nearest(queries: torch.Tensor, gallery: torch.Tensor, images: Sequence[int],
-                   rows: int = 4096) -> torch.Tensor:
-    """Squared distance (F,) of each query to its nearest row among ``gallery[images]``, in float64 (the same
-    expansion on centred rows, 2^29 times less rounding), in chunks of gallery rows; returned as float32."""
-    q = queries.double()
-    q_sq = q.square().sum(dim=1)
-    best = torch.full((q.shape[0],), float("inf"), dtype=torch.float64)
-    for j in images:
-        g = gallery[j]
-        for a in range(0, g.shape[0], rows):
-            gc = g[a : a + rows].double()
-            d2 = torch.addmm(gc.square().sum(dim=1), q, gc.T, alpha=-2.0)
-            torch.minimum(best, d2.amin(dim=1), out=best)
-    return best.add_(q_sq).clamp_(min=0.0).float()
 
 
 def spade_cost(shape: CostShape, settings: dict) -> float:
