@@ -63,28 +63,55 @@ KILLER = """
 """
 
 
-def test_killed_job_is_marked_and_skipped_until_retried(tmp_path, synth_root):
-    spec, db = spec_file(tmp_path, synth_root), tmp_path / "r.sqlite"
+def _job(db: Path) -> dict:
+    with ResultStore(db) as store:
+        (row,) = store.jobs()
+    return row
+
+
+def test_killed_job_is_retried_once_then_skipped_until_asked(tmp_path, synth_root):
+    spec = spec_file(tmp_path, synth_root)
+    spec = spec.rename(tmp_path / "one.yaml")
+    one = yaml.safe_load(spec.read_text())
+    one["datasets"][0]["categories"] = ["fabric"]
+    spec.write_text(yaml.safe_dump(one))
+    db = tmp_path / "r.sqlite"
     child = run_child(KILLER, str(spec), str(db))
     child.communicate(timeout=300)
     assert child.returncode == -9  # really killed mid-job
-    with ResultStore(db) as store:
-        (started,) = store.jobs()
+    started = _job(db)
     assert started["status"] == "started" and started["attempts"] == 1  # recorded before its work
-
     cli = CliRunner()
+
+    # killed once: a dry run marks it for a retry and a plain run retries it by itself
+    once = tmp_path / "once.sqlite"
+    once.write_bytes(db.read_bytes())
+    res = cli.invoke(app, ["study", str(spec), "--db", str(once), "--dry-run"])
+    assert res.exit_code == 0 and "retry: killed once" in res.output, res.output
+    res = cli.invoke(app, ["study", str(spec), "--db", str(once), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "1 retried after their process died (data/fabric resnet18 [random])" in res.output.replace("\n", " ")
+    row = _job(once)
+    assert (row["status"], row["attempts"], row["kills"]) == ("done", 2, 1)
+
+    # the automatic retry dies as well (the out-of-memory loop): marked killed and skipped until --retry-killed
+    child = run_child(KILLER, str(spec), str(db))
+    child.communicate(timeout=300)
+    assert child.returncode == -9
+    row = _job(db)
+    assert (row["status"], row["attempts"], row["kills"]) == ("started", 2, 1)
+    res = cli.invoke(app, ["study", str(spec), "--db", str(db), "--dry-run"])
+    assert res.exit_code == 0 and "skipped: killed twice" in res.output.replace("\n", " "), res.output
     res = cli.invoke(app, ["study", str(spec), "--db", str(db), "--no-progress"])
     assert res.exit_code == 1, res.output  # the killed job is skipped, so the study is not complete
-    assert "1 killed earlier (skipped; --retry-killed reruns them)" in res.output.replace("\n", " ")
-    with ResultStore(db) as store:
-        killed = store.jobs("killed")
-    assert len(killed) == 1 and killed[0]["job_id"] == started["job_id"] and "died mid-job" in killed[0]["error"]
+    assert "1 killed twice (skipped; --retry-killed reruns them)" in res.output.replace("\n", " ")
+    row = _job(db)
+    assert (row["status"], row["kills"]) == ("killed", 2) and "died mid-job" in row["error"]
 
     res = cli.invoke(app, ["study", str(spec), "--db", str(db), "--no-progress", "--retry-killed"])
     assert res.exit_code == 0, res.output
-    with ResultStore(db) as store:
-        jobs = {j["job_id"]: j for j in store.jobs()}
-    assert jobs[started["job_id"]]["status"] == "done" and jobs[started["job_id"]]["attempts"] == 2
+    row = _job(db)
+    assert (row["job_id"], row["status"], row["attempts"]) == (started["job_id"], "done", 3)
 
 
 WORKER = """
@@ -240,3 +267,54 @@ def test_report_never_writes_into_its_database(tmp_path):
         with pytest.raises(StoreError, match="read-only"):
             store.record_result("a", {"method": "x"})
     assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["store", "method"])
+def test_full_disk_stops_the_study_at_once_and_keeps_finished_jobs(tmp_path, synth_root, monkeypatch, where):
+    from adspine.study import job as job_mod
+
+    spec = spec_file(tmp_path, synth_root, inits=("random", "kaiming_normal"))  # 4 jobs
+    db = tmp_path / "r.sqlite"
+    ran = []
+    real_run_job = job_mod.run_job
+    monkeypatch.setattr(job_mod, "run_job", lambda s, j, *a, **k: ran.append(j.job_id) or real_run_job(s, j, *a, **k))
+    if where == "store":  # sqlite's own message when a page cannot be written, from the second result on
+        real_insert = ResultStore._insert
+
+        def insert(self, table, row, replace=False):
+            if table == "results" and len(ran) > 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real_insert(self, table, row, replace)
+
+        monkeypatch.setattr(ResultStore, "_insert", insert)
+    else:  # a method's temporary files
+        real_method = job_mod._run_method
+
+        def method(*a, **k):
+            if len(ran) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", "/tmp/adspine-model-x")
+            return real_method(*a, **k)
+
+        monkeypatch.setattr(job_mod, "_run_method", method)
+    res = CliRunner().invoke(app, ["study", str(spec), "--db", str(db), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disk full" in errors[0] and "Traceback" not in res.output, res.output
+    assert len(ran) == 2  # the job that met the full disk was the last one started
+    with ResultStore(db, readonly=True) as store:
+        status = {j["job_id"]: j["status"] for j in store.jobs()}
+    assert status == {ran[0]: "done", ran[1]: "interrupted"}  # finished job kept, the stopped one released
+
+
+def test_empty_store_file_is_one_line_for_readers(tmp_path, synth_root):
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    cli = CliRunner()
+    for args in (["report", "--db", str(empty), "--out", str(tmp_path / "report")],
+                 ["results", "export", "--db", str(empty), "--out", str(tmp_path / "rows.csv")]):
+        res = cli.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert res.output.replace("\n", " ").count("empty.sqlite: an empty file (0 bytes), not a results store") == 1
+        assert "Traceback" not in res.output and "no such table" not in res.output
+    res = cli.invoke(app, ["study", str(spec_file(tmp_path, synth_root)), "--db", str(empty), "--dry-run"])
+    assert res.exit_code == 0 and "2 job(s)" in res.output, res.output  # a plain run fills an empty file

@@ -1,13 +1,18 @@
 """CLI commands: ``study`` (run, dry-run or show a spec), ``results export`` and ``demo`` (the README's main command).
 
 Exit codes (``adspine.clitools``): 0 every job done; 1 a job or method failed, or killed jobs were skipped (rerun
-with --retry-killed); 2 bad input found before any work (spec, plan, store or output path), one line per problem;
-130 interrupted (finished jobs are committed; rerun to continue).
+with --retry-killed); 2 bad input found before any work (spec, plan, store or output path), or a full disk, one line
+per problem; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): finished jobs are committed; rerun to continue.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
 import time
+import warnings
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -16,11 +21,37 @@ from typer.core import TyperGroup
 
 from adspine.clitools import EXIT_FAILED, EXIT_INTERRUPTED, fail
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
+
 
 def _consoles():
     from rich.console import Console
 
     return Console(), Console(stderr=True)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Each ``LargeImageWarning`` (naming its file) as one yellow line on stderr, once, as it happens."""
+    from rich.markup import escape
+
+    from adspine.data.images import LargeImageWarning
+
+    _, err = _consoles()
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LargeImageWarning)
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if not issubclass(category, LargeImageWarning):
+                return default(message, category, filename, lineno, file, line)
+            if str(message) not in seen:
+                seen.add(str(message))
+                err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True, highlight=False)
+
+        warnings.showwarning = show
+        yield
 
 
 class _RunByDefault(TyperGroup):
@@ -58,8 +89,9 @@ def load_plan(spec: str, data_root: Path | None):
         fail(str(e).splitlines())
 
 
-def print_dry_run(p) -> float:
-    """Print the job list with per-job time estimates; return the total estimated seconds."""
+def print_dry_run(p, notes: dict[str, str] | None = None) -> float:
+    """Print the job list with per-job time estimates and ``notes`` (job id -> what a run will do with it: a note
+    starting 'skipped' leaves it out of the total); return the total estimated seconds."""
     from rich import box
     from rich.table import Table
 
@@ -77,13 +109,18 @@ def print_dry_run(p) -> float:
                     ("train/test", {"justify": "right", "no_wrap": True}),
                     ("GFLOPs", {"justify": "right", "no_wrap": True}), ("est.", {"justify": "right", "no_wrap": True})):
         table.add_column(col, **kw)
+    notes = notes or {}
+    if notes:
+        table.add_column("note", overflow="fold")
     total = 0.0
     for e in est:
         j = e["job"]
-        total += e["seconds"]
+        note = notes.get(j.job_id, "")
+        total += 0.0 if note.startswith("skipped") else e["seconds"]
         imgs = f"{e['n_train']}/{e['n_test']}" + ("" if e["data_found"] else "?")
         table.add_row(j.job_id, f"{j.dataset}/{j.category}", j.backbone, j.init, imgs,
-                      "?" if e["flops"] is None else f"{e['flops'] / 1e9:.2f}", human_seconds(e["seconds"]))
+                      "?" if e["flops"] is None else f"{e['flops'] / 1e9:.2f}", human_seconds(e["seconds"]),
+                      *([note] if notes else []))
     from rich.console import Console
 
     wide = console if console.is_terminal else Console(width=max(console.width, 130), file=console.file)
@@ -102,7 +139,7 @@ def print_dry_run(p) -> float:
 
 @study_app.command("run")
 def study_run(
-    spec: str = typer.Argument(..., help="Spec YAML file or preset name (see `adspine study show`)."),
+    spec: str = typer.Argument(..., help="Spec YAML file or preset name (see 'adspine study show')."),
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results store (created if missing)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, list the jobs with an estimate; run "
                                                           "nothing."),
@@ -114,29 +151,55 @@ def study_run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Run a study: every problem is reported before any work; finished jobs in --db are skipped, failed jobs are
-    retried, each method's result is committed as it ends. Exit 1 when a job or method failed."""
+    retried, a job whose process died is retried once, each method's result is committed as it ends. Exit 1 when a
+    job or method failed."""
     if address and executor != ExecutorName.ray:
         fail("--address only applies to --executor ray")
-    p = load_plan(spec, data_root)
-    if dry_run:
-        from adspine.study.store import ResultStore, StoreError
+    with one_line_warnings():
+        p = load_plan(spec, data_root)
+        from rich.markup import escape
 
-        console, _ = _consoles()
-        try:
-            done = ResultStore(db, readonly=True).done_job_ids() if db.is_file() else set()
-        except StoreError as e:
-            fail(str(e))
-        if done:
-            console.print(f"{sum(j.job_id in done for j in p.jobs)} of these are already done in {db}.")
-        p.jobs = [j for j in p.jobs if j.job_id not in done]
-        if p.jobs:
-            print_dry_run(p)
-        else:
-            console.print("nothing to run.")
-        return
-    summary = run_plan(p, db, executor.value, address, progress, retry_killed)
+        _, err = _consoles()
+        for where, n in p.skipped_links.items():  # as `adspine data summary` counts them
+            err.print(f"[yellow]warning:[/yellow] {escape(where)}: skipped {n} broken or looping link(s)",
+                      soft_wrap=True, highlight=False)
+        for note in p.notes:  # e.g. bf16 emulated on this CPU
+            err.print(f"note: {escape(note)}", soft_wrap=True, highlight=False)
+        if dry_run:
+            dry_run_jobs(p, db, retry_killed)
+            return
+        summary = run_plan(p, db, executor.value, address, progress, retry_killed)
     if not summary.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+DRY_RUN_NOTES = {"killed": "skipped: killed twice (--retry-killed reruns it)", "retry": "retry: killed once",
+                 "running": "skipped: running in another process"}
+
+
+def dry_run_jobs(p, db: Path, retry_killed: bool) -> None:
+    """``--dry-run``: the jobs a run would start, those it will skip (killed twice, running elsewhere) marked."""
+    from adspine.study.store import ResultStore, StoreError, plain_run_outcome
+
+    console, _ = _consoles()
+    try:
+        readable = db.is_file() and db.stat().st_size > 0  # an empty file is filled by the run
+        with ResultStore(db, readonly=True) if readable else contextlib.nullcontext() as store:
+            stored = {j["job_id"]: j for j in store.jobs()} if store else {}
+    except StoreError as e:
+        fail(str(e))
+    outcomes = {jid: plain_run_outcome(row) for jid, row in stored.items()}
+    done = {jid for jid, o in outcomes.items() if o == "done"}
+    if done:
+        console.print(f"{sum(j.job_id in done for j in p.jobs)} of these are already done in {db}.")
+    p.jobs = [j for j in p.jobs if j.job_id not in done]
+    notes = {jid: DRY_RUN_NOTES[o] for jid, o in outcomes.items() if o in DRY_RUN_NOTES}
+    if retry_killed:
+        notes.update({jid: "retry: killed twice (--retry-killed)" for jid, o in outcomes.items() if o == "killed"})
+    if p.jobs:
+        print_dry_run(p, {j.job_id: notes[j.job_id] for j in p.jobs if j.job_id in notes})
+    else:
+        console.print("nothing to run.")
 
 
 @study_app.command("show")
@@ -157,23 +220,33 @@ def study_show(spec: str = typer.Argument(None, help="Preset name or spec file; 
 def run_plan(p, db: Path, executor: str, address: str | None, progress: bool, retry_killed: bool = False):
     from adspine.study.store import ResultStore, StoreError
 
+    from adspine.study.run import Terminated
+
     console, err = _consoles()
     t0 = time.perf_counter()
+    job_log = logging.getLogger("adspine.study.job")  # its method failures are printed here once, by run.Claims
+    quiet = logging.NullHandler()
+    job_log.addHandler(quiet)
     try:
         summary = p.run(db, executor=executor, address=address, show_progress=progress, console=console,
                         retry_killed=retry_killed)
-    except ValueError as e:  # StoreError, a missing optional library: one line, nothing lost
+    except ValueError as e:  # StoreError (e.g. a full disk), a missing optional library: one line, nothing lost
         fail(str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         try:
-            n = len(ResultStore(db, readonly=True).done_job_ids())
+            with ResultStore(db, readonly=True) as store:
+                n = len(store.done_job_ids())
         except StoreError:
             n = 0
-        err.print(f"[yellow]interrupted[/yellow]: {n} finished job(s) are committed in {db}; run the same "
+        what, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(e, Terminated) else \
+            ("interrupted", EXIT_INTERRUPTED)
+        err.print(f"[yellow]{what}[/yellow]: {n} finished job(s) are committed in {db}; run the same "
                   "command again to resume.", soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(code)
+    finally:
+        job_log.removeHandler(quiet)
     console.print(f"{summary.line(p.spec.name)} in {time.perf_counter() - t0:.0f} s -> {db}", soft_wrap=True,
-                  highlight=False)
+                  highlight=False, markup=False)
     return summary
 
 

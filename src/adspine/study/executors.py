@@ -1,11 +1,15 @@
 """Executors: run study jobs in this process (default, no Ray needed) or as Ray tasks on a local or existing cluster.
 
 Either way only the driver writes the store: it claims a job before handing it out (so two drivers on one store
-split the work) and records what comes back through ``claims`` (see ``run.Claims``).
+split the work) and records what comes back through ``claims`` (see ``run.Claims``). On Ray a job whose worker
+process or node died is resubmitted once (``Claims.died``); an exception raised by the job itself is a failed job.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from adspine.study.job import execute_job
@@ -31,12 +35,8 @@ class InProcessExecutor:
                 if progress:
                     progress.update(img_task, completed=done, total=total)
 
-            if claims.claim(job):
-                try:
-                    out = execute_job(spec, job, cb, on_result=lambda r, e, job=job: claims.result(job, r, e))
-                except KeyboardInterrupt:
-                    claims.release(job)
-                    raise
+            if claims.claim(job):  # Ctrl-C, SIGTERM, a full disk: ``run_plan`` releases the job
+                out = execute_job(spec, job, cb, on_result=lambda r, e, job=job: claims.result(job, r, e))
                 claims.finish(job, out["job"])
             if progress:
                 progress.update(jobs_task, advance=1)
@@ -56,28 +56,36 @@ class RayExecutor:
     """Each job is a Ray task (``num_gpus=1`` on CUDA, else ``num_cpus`` = spec threads); the driver claims jobs as
     it submits them (at most ``max_in_flight`` at once: the cluster's CPUs / threads) and writes what comes back.
     Connects to ``address`` (e.g. ``ray://head:10001`` or ``auto``) or, with none, uses an already initialised Ray
-    or starts a local one. Workers need adspine installed in the same version."""
+    or starts a local one. Workers need adspine installed in the same version. ``job_fn`` replaces the task body
+    (same arguments as ``_ray_job``; tests use it to stand in for a job)."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, max_in_flight: int | None = None, **init_kwargs: Any):
+    def __init__(self, address: str | None = None, max_in_flight: int | None = None,
+                 job_fn: Callable[..., dict[str, Any]] | None = None, **init_kwargs: Any):
         self.address, self.max_in_flight, self.init_kwargs = address, max_in_flight, init_kwargs
+        self.job_fn = job_fn or _ray_job
 
     def run(self, spec: StudySpec, jobs: list[Job], claims, progress=None) -> None:
         from adspine.study.job import base_row, format_error
+        from adspine.study.store import is_disk_full
 
         ray = require_ray()
+        died = _process_deaths(ray)
 
         started = False
         if not ray.is_initialized():
+            sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, **self.init_kwargs)
             started = True
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)  # ray.init sets its own (exit at once): keep the study's
         try:
             threads = spec.threads or 1
             opts: dict[str, Any] = {"num_cpus": threads, "max_retries": 0}
             if spec.device == "cuda":
                 opts["num_gpus"] = 1
-            remote = ray.remote(_ray_job).options(**opts)
+            remote = ray.remote(self.job_fn).options(**opts)  # no Ray retries: deaths are counted in the store
             spec_dict = spec.model_dump(mode="json")
             limit = self.max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
             queue, refs = list(jobs), {}
@@ -97,7 +105,16 @@ class RayExecutor:
                         job = refs.pop(ref)
                         try:
                             out = ray.get(ref)
-                        except Exception as e:  # worker crash, Ray OOM kill, ...: recorded as a failed job
+                        except died as e:  # the worker process or its node: resubmitted once
+                            if claims.died(job, f"ray: {format_error(e)}"):
+                                refs[remote.remote(spec_dict, job, threads)] = job
+                            elif progress:
+                                progress.update(task, advance=1)
+                            continue
+                        except Exception as e:  # raised by the job itself: recorded as a failed job
+                            cause = getattr(e, "cause", None)
+                            if cause is not None and is_disk_full(cause):
+                                raise cause from None  # a worker's disk is full: stop the study
                             row = base_row(spec, job)
                             row.update(status="failed", error=f"ray: {format_error(e)}")
                             out = {"job": row, "results": []}
@@ -106,14 +123,20 @@ class RayExecutor:
                         claims.finish(job, out["job"])
                         if progress:
                             progress.update(task, advance=1)
-            except KeyboardInterrupt:
-                for ref, job in refs.items():
+            except BaseException:  # Ctrl-C, SIGTERM, a full disk: ``run_plan`` releases the jobs
+                for ref in refs:
                     ray.cancel(ref, force=True)
-                    claims.release(job)
                 raise
         finally:
             if started:
                 ray.shutdown()
+
+
+def _process_deaths(ray) -> tuple[type[BaseException], ...]:
+    """Ray's errors for a task whose process died (worker crash, lost node, Ray's out-of-memory kill), as opposed
+    to ``RayTaskError`` (the task raised)."""
+    x = ray.exceptions
+    return (x.WorkerCrashedError, x.NodeDiedError, x.ObjectLostError, x.OutOfMemoryError)
 
 
 def require_ray():

@@ -26,6 +26,7 @@ import torch
 from adspine.study import timing
 from adspine.study.plan import Job, scan
 from adspine.study.spec import StudySpec
+from adspine.study.store import StoreError, is_disk_full
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]  # (images done, images total) within a job
@@ -51,6 +52,7 @@ def base_row(spec: StudySpec, job: Job) -> dict[str, Any]:
         "backbone": job.backbone,
         "init": job.init,
         "init_seed": job.init_seed,
+        "precision": job.precision,
         "layer_preset": job.layer_preset,
         "layers": json.dumps(list(job.layers)) if not isinstance(job.layers, str) else None,
         "protocol": job.protocol,
@@ -100,6 +102,19 @@ def _extract(extractor, samples, spec: StudySpec, device: str, tick: Callable[[i
         "mask_paths": mask_paths,
         "defects": defects,
     }
+
+
+def check_finite(part: dict, layers) -> None:
+    """Raise naming the first image whose backbone features hold NaN or inf (``AnomalyMethod``'s check)."""
+    from adspine.methods.base import nonfinite_feature_images
+
+    start = 0
+    for batch in part["feats"]:
+        bad = nonfinite_feature_images(batch, layers)
+        if bad:
+            i, reason = next(iter(bad.items()))
+            raise ValueError(f"{part['paths'][start + i]}: {reason} ({len(bad)} image(s) of this batch)")
+        start += int(batch[0].shape[0])
 
 
 def _timing_batch(samples, spec: StudySpec, n: int) -> torch.Tensor:
@@ -186,7 +201,8 @@ def format_error(e: BaseException) -> str:
 def _metrics(spec: StudySpec, test: dict, scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
     """The study's metrics with intervals; pixel metrics NULL where the category has no masks."""
     from adspine.metrics import evaluate
-    from adspine.metrics.uncertainty import auroc_ci, pixel_bootstrap_ci
+    from adspine.metrics.localisation import max_in_mask, pixel_bootstrap
+    from adspine.metrics.uncertainty import auroc_ci
 
     labels, has_mask = test["labels"], test["has_mask"]
     pixel = bool(has_mask[labels == 1].any()) if (labels == 1).any() else False
@@ -195,10 +211,17 @@ def _metrics(spec: StudySpec, test: dict, scores: np.ndarray, maps: np.ndarray) 
     u = spec.uncertainty
     if min((labels == 0).sum(), (labels == 1).sum()) >= 2:  # DeLong needs two of each
         _, out["image_auroc_lo"], out["image_auroc_hi"] = auroc_ci(labels, scores, level=u.level)
-    if pixel and u.n_boot > 0:
-        out.update(pixel_bootstrap_ci(masks, maps, has_mask=has_mask, n_boot=u.n_boot, seed=u.seed, level=u.level,
-                                      labels=labels))
-    return {k: (None if v is None else float(v)) for k, v in out.items()}
+    boot = None
+    if pixel:
+        out["max_in_mask"] = max_in_mask(masks, maps, labels=labels, has_mask=has_mask)
+    if pixel and u.n_boot > 0:  # intervals, and the replicates for the report's paired localisation tests
+        intervals, boot = pixel_bootstrap(masks, maps, has_mask=has_mask, n_boot=u.n_boot, seed=u.seed,
+                                          level=u.level, labels=labels)
+        out.update(intervals)
+    out = {k: (None if v is None else float(v)) for k, v in out.items()}
+    if boot is not None:
+        out.update(pixel_boot=boot, pixel_boot_seed=int(u.seed))
+    return out
 
 
 def _run_method(spec: StudySpec, job: Job, name: str, settings: dict[str, Any], rd_seed: int | None, extractor,
@@ -218,6 +241,9 @@ def _run_method(spec: StudySpec, job: Job, name: str, settings: dict[str, Any], 
         maps, scores = [], []
         for b in test["feats"]:
             pred = method.predict([t.to(device) for t in b], size)
+            if pred.invalid:
+                i, reason = next(iter(pred.invalid.items()))
+                raise ValueError(f"{test['paths'][sum(len(s) for s in scores) + i]}: {reason}")
             maps.append(np.asarray(pred.maps, dtype=np.float32))
             scores.append(np.asarray(pred.scores, dtype=np.float64))
     maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
@@ -307,7 +333,10 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
                pixel_level=int(all(s.mask_path is not None for s in data.test if s.label == 1)))
     layers_arg = job.layers if isinstance(job.layers, str) else list(job.layers)
     extractor = build_extractor(job.backbone, init=job.init, layers=layers_arg, device=device,
+                                precision="fp32" if job.precision == "int8" else job.precision,
                                 **({"init_seed": job.init_seed} if job.init_seed is not None else {}))
+    if job.precision == "int8":
+        extractor = int8_extractor(extractor, data.train, spec)
     layers = extractor.layer_info(job.image_size)
     info = dict(getattr(extractor, "info", {}) or {})
     dim_a = int(sum(r.channels for r in layers))
@@ -331,13 +360,15 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
 
     train = _extract(extractor, data.train, spec, device, tick)
     test = _extract(extractor, data.test, spec, device, tick)
+    for part in (train, test):
+        check_finite(part, layers)
 
     # backbone figures: FLOPs of the truncated network, latency at batch 1 and batch N (interleaved repeats)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bn = spec.timing.batch_n
     imgs = _timing_batch(data.test, spec, bn).to(device)
-    row["flops"] = timing.count_flops(extractor, imgs[:1])
+    row["flops"] = timing.count_flops(getattr(extractor, "extractor", extractor), imgs[:1])  # int8: its torch net
     row["load_avg"] = timing.load_average()
     with timing.torch_threads(spec.timing.threads):
         b1, bN = timing.forward_latency(extractor, [imgs[:1], imgs], spec.timing.warmup,
@@ -357,6 +388,8 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
                                            info, row)
             ok += 1
         except Exception as e:  # noqa: BLE001 - recorded beside the other methods; the job goes on
+            if is_disk_full(e):  # no later result could be kept: the study stops
+                raise
             log.warning("%s: %s failed: %s", job.label(), name, format_error(e))
             failed += 1
             result = {"method": name, "status": "failed", "error": format_error(e), "rd_seed": rd_seed,
@@ -372,17 +405,31 @@ def run_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None, row: 
     return row
 
 
+def int8_extractor(extractor, train, spec: StudySpec):
+    """``extractor`` quantized to int8 by the OpenVINO backend, calibrated on a seeded subset of the normal
+    training images only; its record (calibration images, library versions) goes into ``info``."""
+    from adspine.backbones.openvino_backend import build_openvino_extractor, calibration_set
+
+    calibration = calibration_set([s.path for s in train], spec.protocol, spec.size_hw, seed=spec.seed)
+    quantized = build_openvino_extractor(extractor, "int8", calibration=calibration)
+    quantized.info["openvino"] = quantized.record
+    return quantized
+
+
 def execute_job(spec: StudySpec, job: Job, progress: ProgressFn | None = None,
                 on_result: ResultFn | None = None) -> dict[str, Any]:
     """``run_job`` that turns any exception (incl. MemoryError, CUDA OOM) into a ``failed`` job row whose error
-    names the layers; Ctrl-C passes. Returns ``{"job": row, "results": [...]}`` where ``results`` collects what
-    went to ``on_result`` when none was given (Ray workers send them back with the job)."""
+    names the layers; Ctrl-C, a full disk and a store that cannot be written pass. Returns ``{"job": row,
+    "results": [...]}`` where ``results`` collects what went to ``on_result`` when none was given (Ray workers send
+    them back with the job)."""
     row = base_row(spec, job)
     collected: list[tuple[dict, list]] = []
     sink = on_result if on_result is not None else (lambda r, e: collected.append((r, e)))
     try:
         row = run_job(spec, job, progress, row, sink)
     except Exception as e:  # noqa: BLE001 - every failure is recorded, the study goes on
+        if isinstance(e, StoreError) or is_disk_full(e):  # nothing more can be kept: the study stops
+            raise
         layers = job.layers if isinstance(job.layers, str) else ",".join(job.layers)
         row.update(status="failed", error=f"{format_error(e)} [layers {layers}]", finished_at=now())
         gc.collect()

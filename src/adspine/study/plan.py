@@ -1,18 +1,21 @@
 """The plan between a spec and a run: every job resolved and everything checked before any work.
 
-``plan(spec)`` expands a spec into jobs (one per dataset category x backbone x init, with the spec's layers,
-protocol and size) and checks, before anything runs: dataset roots, categories and their files (the dataset readers'
-validation), backbone names and layer names, that pretrained weights can be had (cached, packaged or downloadable;
-offline and missing -> the file and how to provide it), the device and the method settings. All problems are
-reported together, one line each (``PlanError``). ``Plan.run(db)`` runs it; ``Plan.estimate()`` prices it.
+``plan(spec)`` expands a spec into jobs (one per dataset category x backbone x init x precision, with the spec's
+layers, protocol and size) and checks, before anything runs: dataset roots, categories and their files (the dataset
+readers' validation), backbone names and layer names, that pretrained weights can be had (cached, packaged or
+downloadable; offline and missing -> the file and how to provide it), the device, the method settings and that int8
+can run. All problems are reported together, one line each (``PlanError``); ``Plan.notes`` says where bf16 runs
+emulated. ``Plan.run(db)`` runs it; ``Plan.estimate()`` prices it.
 
 A job's id is a stable hash of everything that changes its results (not timing knobs such as threads or batch size),
-so rerunning a spec skips finished jobs while a changed spec reruns what it changed.
+so rerunning a spec skips finished jobs while a changed spec reruns what it changed. The precision enters the key
+only when it is not fp32, so stores written before precisions existed keep their job ids.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,18 +49,22 @@ class Job:
     format: str = "auto"
     masks: str = "required"
     mask_pattern: str | None = None
+    precision: str = "fp32"  # the backbone's (adspine.backbones.precision); methods always get float32 features
 
     @property
     def layer_preset(self) -> str:
         return self.layers if isinstance(self.layers, str) else "explicit"
 
     def label(self) -> str:
-        return f"{self.dataset}/{self.category} {self.backbone} [{self.init}]"
+        precision = "" if self.precision == "fp32" else f" {self.precision}"
+        return f"{self.dataset}/{self.category} {self.backbone} [{self.init}]{precision}"
 
 
-def job_key(spec: StudySpec, ds, category: str, backbone: str, init: str, layers) -> dict[str, Any]:
-    """Everything that changes a job's results (not timing knobs such as threads, batch size or repeats)."""
-    return {
+def job_key(spec: StudySpec, ds, category: str, backbone: str, init: str, layers,
+            precision: str = "fp32") -> dict[str, Any]:
+    """Everything that changes a job's results (not timing knobs such as threads, batch size or repeats); the
+    precision only when it is not fp32 (the ids of earlier fp32 jobs stay)."""
+    key = {
         "dataset": ds.label,
         "format": ds.format,
         "masks": ds.masks,
@@ -75,6 +82,7 @@ def job_key(spec: StudySpec, ds, category: str, backbone: str, init: str, layers
         "rd": spec.rd,
         "seed": spec.seed,
     }
+    return key if precision == "fp32" else {**key, "precision": precision}
 
 
 def job_id_of(key: dict[str, Any]) -> str:
@@ -103,6 +111,8 @@ class Plan:
 
     spec: StudySpec
     jobs: list[Job] = field(default_factory=list)
+    skipped_links: dict[str, int] = field(default_factory=dict)  # 'dataset/category' -> broken or looping links
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. bf16 emulated on this CPU
 
     def spec_yaml(self) -> str:
         import yaml
@@ -123,7 +133,8 @@ class Plan:
 
 
 def expand(spec: StudySpec, problems: list[str] | None = None) -> list[Job]:
-    """Every job of the study in run order (dataset, category, backbone group, backbone, init), de-duplicated.
+    """Every job of the study in run order (dataset, category, backbone group, backbone, init, precision),
+    de-duplicated.
     Category listing problems are appended to ``problems`` (raised at once when None)."""
     jobs: dict[str, Job] = {}
     for ds in spec.datasets:
@@ -143,12 +154,12 @@ def expand(spec: StudySpec, problems: list[str] | None = None) -> list[Job]:
                 layers = group.layers if isinstance(group.layers, str) else tuple(group.layers)
                 for entry in group.names:
                     for bb in expand_backbone(entry):
-                        for init in group.inits or spec.inits:
-                            key = job_key(spec, ds, cat, bb, init, layers)
+                        for init, precision in itertools.product(group.inits or spec.inits, spec.precisions):
+                            key = job_key(spec, ds, cat, bb, init, layers, precision)
                             jid = job_id_of(key)
                             jobs.setdefault(jid, Job(jid, ds.label, str(root.resolve()), cat, bb, init,
                                                      key["init_seed"], layers, spec.protocol, spec.size_hw,
-                                                     spec.device, ds.format, ds.masks, ds.mask_pattern))
+                                                     spec.device, ds.format, ds.masks, ds.mask_pattern, precision))
     return list(jobs.values())
 
 
@@ -159,14 +170,21 @@ def _line(e: BaseException, where: Any = None) -> str:
     return msg
 
 
-def check_jobs(spec: StudySpec, jobs: list[Job], verify_data: bool = True) -> list[str]:
-    """Everything that can be checked without running: one line per problem (empty when all is well)."""
+def check_jobs(spec: StudySpec, jobs: list[Job], verify_data: bool = True,
+               skipped_links: dict[str, int] | None = None) -> list[str]:
+    """Everything that can be checked without running: one line per problem (empty when all is well). Broken or
+    looping links the readers skipped are counted per 'dataset/category' into ``skipped_links``."""
     problems: list[str] = []
     if spec.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             problems.append("device: the spec asks for cuda but torch sees no CUDA device; use device: cpu")
+    if "int8" in spec.precisions:
+        from adspine.backbones.precision import int8_problem
+
+        if int8_problem():
+            problems.append(f"precisions: {int8_problem()}")
     seen_data, seen_layers, seen_weights = set(), set(), set()
     for job in jobs:
         key = (job.root, job.category, job.format, job.masks, job.mask_pattern)
@@ -176,9 +194,12 @@ def check_jobs(spec: StudySpec, jobs: list[Job], verify_data: bool = True) -> li
                 problems.append(f"{job.root}: dataset folder not found (set it in the spec or with --data-root)")
             else:
                 try:
-                    scan(job, verify=verify_data)
+                    data = scan(job, verify=verify_data)
                 except (OSError, ValueError) as e:
                     problems.append(_line(e))
+                else:
+                    if data.skipped and skipped_links is not None:
+                        skipped_links[f"{job.dataset}/{job.category}"] = len(data.skipped)
         if (job.backbone, job.layers) not in seen_layers:
             seen_layers.add((job.backbone, job.layers))
             try:
@@ -216,9 +237,17 @@ def plan(spec: StudySpec | str | Path, data_root: str | Path | None = None, chec
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec, data_root=data_root)
     problems: list[str] = []
+    skipped_links: dict[str, int] = {}
     jobs = expand(spec, problems)
     if check:
-        problems += check_jobs(spec, jobs, verify_data)
+        problems += check_jobs(spec, jobs, verify_data, skipped_links)
     if problems:
         raise PlanError(problems)
-    return Plan(spec, jobs)
+    return Plan(spec, jobs, skipped_links, precision_notes(spec))
+
+
+def precision_notes(spec: StudySpec) -> list[str]:
+    """One line per requested precision that runs differently here than its name promises (bf16 emulated)."""
+    from adspine.backbones.precision import precision_note
+
+    return [n for n in (precision_note(p, spec.device) for p in spec.precisions) if n]

@@ -2,18 +2,53 @@
 executor and a progress display, and sum it up.
 
 Claims make a store safe to share: two runners (or two Ray drivers) on one store split the jobs, and a job whose
-process died mid-way (killed, out of memory) is marked ``killed`` on the next run and skipped unless
-``retry_killed``; an interrupted study loses nothing that had finished.
+process died mid-way (killed, out of memory, a lost Ray node) is retried automatically once; dead again, it is marked
+``killed`` and skipped unless ``retry_killed``. An interrupted (Ctrl-C) or terminated (SIGTERM) study loses nothing
+that had finished and releases the job it was running; a full disk stops it at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adspine.study.plan import Job, Plan
-from adspine.study.store import ResultStore
+from adspine.study.store import ResultStore, StoreError, is_disk_full
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, ``docker stop``, cluster managers) arrived: handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: the first SIGTERM raises ``Terminated`` in the main thread; later ones are ignored while the running
+    job is released. Elsewhere than the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    received = threading.Event()
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.set()
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if received.is_set() and not isinstance(e, Terminated):  # Ray re-raises it as a plain KeyboardInterrupt
+            raise Terminated() from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -23,9 +58,10 @@ class StudySummary:
     done: int
     failed: int  # jobs that failed (data, backbone, or every method)
     methods_failed: int  # failed method runs inside finished jobs
-    killed: int  # earlier attempts that died mid-job, skipped (rerun with --retry-killed)
+    killed: int  # jobs whose process died again after the automatic retry, skipped (rerun with --retry-killed)
     elsewhere: int  # held by another live runner
     db: str
+    retried: list[str] = field(default_factory=list)  # jobs rerun because their process died (labels)
 
     @property
     def ok(self) -> bool:
@@ -38,8 +74,11 @@ class StudySummary:
         parts = [f"{self.done} done", f"{self.failed} failed"]
         if self.methods_failed:
             parts.append(f"{self.methods_failed} method run(s) failed")
+        if self.retried:
+            shown = ", ".join(self.retried[:3]) + (", ..." if len(self.retried) > 3 else "")
+            parts.append(f"{len(self.retried)} retried after their process died ({shown})")
         if self.killed:
-            parts.append(f"{self.killed} killed earlier (skipped; --retry-killed reruns them)")
+            parts.append(f"{self.killed} killed twice (skipped; --retry-killed reruns them)")
         if self.elsewhere:
             parts.append(f"{self.elsewhere} running in another process")
         parts.append(f"{self.skipped} already done")
@@ -52,26 +91,43 @@ class Claims:
     def __init__(self, plan: Plan, store: ResultStore, summary: StudySummary, retry_killed: bool, console=None):
         self.plan, self.store, self.summary, self.retry_killed, self.console = plan, store, summary, retry_killed, \
             console
+        self._methods_failed: dict[str, int] = {}  # per job: method failures already reported
 
     def claim(self, job: Job) -> bool:
         from adspine.study.job import base_row
 
-        why = self.store.claim_job(base_row(self.plan.spec, job), retry_killed=self.retry_killed)
-        if why == "done":
+        outcome = self.store.claim_job(base_row(self.plan.spec, job), retry_killed=self.retry_killed)
+        if outcome == "done":
             self.summary.skipped += 1
-        elif why == "killed":
+        elif outcome == "killed":
             self.summary.killed += 1
-        elif why == "running":
+        elif outcome == "running":
             self.summary.elsewhere += 1
-        return why is None
+        elif outcome == "retried":
+            self.summary.retried.append(job.label())
+        return outcome in ("claimed", "retried")
 
-    def release(self, job: Job) -> None:
-        self.store.release_job(job.job_id)
+    def release_all(self) -> None:
+        """Give back every job this process holds (after Ctrl-C, SIGTERM, a full disk); where even that cannot be
+        written, the next run finds their dead leases and retries them."""
+        with contextlib.suppress(StoreError):
+            self.store.release_job()
+
+    def died(self, job: Job, error: str) -> bool:
+        """The process running ``job`` died (a Ray worker or node): True to retry it now (first death), else it is
+        marked killed and reported."""
+        if self.store.job_died(job.job_id, error):
+            self.summary.retried.append(job.label())
+            return True
+        self.summary.killed += 1
+        self._say(f"[red]job killed[/red] {job.label()}: {error} (died twice; --retry-killed reruns it)")
+        return False
 
     def result(self, job: Job, result: dict[str, Any], examples: list[dict[str, Any]]) -> None:
         self.store.record_result(job.job_id, result, examples)
         if result.get("status") == "failed":
             self.summary.methods_failed += 1
+            self._methods_failed[job.job_id] = self._methods_failed.get(job.job_id, 0) + 1
             self._say(f"[red]method failed[/red] {job.label()} {result['method']}: {result.get('error')}")
 
     def finish(self, job: Job, row: dict[str, Any]) -> None:
@@ -80,7 +136,9 @@ class Claims:
             self.summary.done += 1
         else:
             self.summary.failed += 1
-            self._say(f"[red]job failed[/red] {job.label()}: {row.get('error')}")
+            said = self._methods_failed.get(job.job_id) and str(row.get("error")).endswith("method run(s) failed")
+            if not said:  # every method failed and each was reported: the summary counts the job
+                self._say(f"[red]job failed[/red] {job.label()}: {row.get('error')}")
 
     def _say(self, text: str) -> None:
         if self.console is not None:
@@ -92,26 +150,74 @@ class Claims:
 
 def run_plan(plan: Plan, db: str | Path, executor: str | Any = "inprocess", address: str | None = None,
              show_progress: bool = False, console=None, retry_killed: bool = False) -> StudySummary:
-    """Run every unfinished job of ``plan``, committing as it goes. Raises KeyboardInterrupt after Ctrl-C; what had
-    finished is committed and the interrupted job is released for the next run."""
+    """Run every unfinished job of ``plan``, committing as it goes. Raises KeyboardInterrupt after Ctrl-C
+    (``Terminated`` after SIGTERM); what had finished is committed and the interrupted job is released for the next
+    run. A full disk raises ``StoreError`` at once (one line)."""
     from adspine.study.executors import make_executor
 
     ex = make_executor(executor, address=address)
     store = ResultStore(db)
     try:
-        store.record_spec(plan.spec.name, plan.spec_yaml())
-        store.mark_dead_leases()
-        summary = StudySummary(len(plan.jobs), 0, 0, 0, 0, 0, 0, str(db))
-        done = store.done_job_ids()
-        pending = [j for j in plan.jobs if j.job_id not in done]
-        summary.skipped = len(plan.jobs) - len(pending)
-        if pending:
-            claims = Claims(plan, store, summary, retry_killed, console)
-            with Progress(show_progress, console) as prog:
-                ex.run(plan.spec, pending, claims, prog)
-        return summary
+        with sigterm_as_interrupt():
+            return _run(plan, store, ex, db, show_progress, console, retry_killed)
+    except OSError as e:  # e.g. a method's temporary files on a full disk
+        if not is_disk_full(e):
+            raise
+        raise StoreError(f"{e.filename or 'disk'}: disk full ({e.strerror}); free space and run again (finished "
+                         f"jobs are kept in {db})") from None
     finally:
         store.close()
+
+
+def _run(plan: Plan, store: ResultStore, ex, db: str | Path, show_progress: bool, console,
+         retry_killed: bool) -> StudySummary:
+    """``run_plan`` on an open store."""
+    store.record_spec(plan.spec.name, plan.spec_yaml())
+    store.mark_dead_leases()
+    if plan.spec.baselines:
+        record_baselines(plan, store, console)
+    summary = StudySummary(len(plan.jobs), 0, 0, 0, 0, 0, 0, str(db))
+    done = store.done_job_ids()
+    pending = [j for j in plan.jobs if j.job_id not in done]
+    summary.skipped = len(plan.jobs) - len(pending)
+    if pending:
+        claims = Claims(plan, store, summary, retry_killed, console)
+        try:
+            with Progress(show_progress, console) as prog:
+                ex.run(plan.spec, pending, claims, prog)
+        except BaseException:  # the job(s) it was running: released, even when claimed an instant ago
+            claims.release_all()
+            raise
+    return summary
+
+
+def record_baselines(plan: Plan, store: ResultStore, console=None) -> None:
+    """The trivial baselines (``adspine.baselines``) of every category of the plan not yet in the store, once per
+    category and input size; a failure is reported and the study goes on."""
+    import logging
+
+    from adspine.baselines import category_baselines
+    from adspine.study.plan import scan
+
+    seen = set()
+    for job in plan.jobs:
+        key = (job.dataset, job.category, job.protocol, *job.image_size)
+        if key in seen:
+            continue
+        seen.add(key)
+        if any((r["category"], r["protocol"], r["image_height"], r["image_width"]) == key[1:]
+               for r in store.baselines(job.dataset)):
+            continue
+        try:
+            rows = category_baselines(scan(job, verify=False), job.protocol, job.image_size)
+        except Exception as e:  # noqa: BLE001 - a reference figure; never stops the study
+            logging.getLogger(__name__).warning("%s/%s: trivial baselines failed: %s", job.dataset, job.category, e)
+            continue
+        store.record_baselines([{**r, "dataset": job.dataset, "dataset_root": job.root} for r in rows])
+        if console is not None:
+            best = max(rows, key=lambda r: r["image_auroc"])
+            console.print(f"{job.dataset}/{job.category}: best trivial baseline {best['baseline']} image AUROC "
+                          f"{100 * best['image_auroc']:.1f} %", soft_wrap=True, markup=False)
 
 
 class Progress:

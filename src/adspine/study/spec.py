@@ -162,6 +162,8 @@ class StudySpec(_Strict):
     backbones: list[BackboneGroup] = Field(min_length=1)
     inits: list[InitStr] = Field(default_factory=lambda: ["imagenet"], min_length=1)
     init_seed: int = 1024
+    # backbone precisions: one job per backbone x init x precision (adspine.backbones.precision.PRECISIONS)
+    precisions: list[str] = Field(default_factory=lambda: ["fp32"], min_length=1)
     methods: list[MethodSpec] = Field(min_length=1)
     rd_seeds: list[int] = Field(default_factory=lambda: [1024], min_length=1)
     rd: Literal["reference", "torch"] = "reference"  # Rd draw: Python random.sample (PaDiM reference code) or torch
@@ -175,6 +177,9 @@ class StudySpec(_Strict):
     timing: TimingSpec = Field(default_factory=TimingSpec)
     examples: ExamplesSpec = Field(default_factory=ExamplesSpec)
     uncertainty: UncertaintySpec = Field(default_factory=UncertaintySpec)
+    # the report's ranking and recommendation: 'auto' = 'localisation' where masks exist, else 'image' (report.rank)
+    rank_by: Literal["auto", "image", "localisation"] = "auto"
+    baselines: bool = True  # trivial shortcut baselines (adspine.baselines) once per category, before the jobs
 
     @field_validator("image_size")
     @classmethod
@@ -202,6 +207,17 @@ class StudySpec(_Strict):
     def _short_methods(cls, v):
         if isinstance(v, list):
             return [{"name": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("precisions")
+    @classmethod
+    def _precisions(cls, v: list[str]) -> list[str]:
+        from adspine.backbones.precision import check_precision
+
+        for p in v:
+            check_precision(p)  # PrecisionError (a ValueError) lists the valid ones
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate precisions in {v}")
         return v
 
     @field_validator("rd_seeds")

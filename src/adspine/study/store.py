@@ -2,7 +2,8 @@
 
 Life of a job: a runner *claims* it (status ``started``, attempt count, a lease naming its process) before any work,
 so two runners on one store split the work and a process killed mid-job (e.g. out of memory) is found on the next
-run: its job becomes ``killed`` and is skipped unless asked to retry. Each method's result is committed as it ends
+run: its job becomes ``killed`` and is retried automatically once; killed again, it is skipped unless asked to retry
+(a job that runs out of memory must not loop). Each method's result is committed as it ends
 (``failed`` with its error when it raised), then the job row is finished as ``done`` or ``failed``. An interrupted
 study loses nothing that had finished. ``rows()`` returns the flat view the reports and exports read.
 
@@ -25,10 +26,20 @@ import numpy as np
 
 SCHEMA_VERSION = 2
 DEFAULT_LEASE_TTL_S = 6 * 3600  # a lease of another host counts as expired after this long without a heartbeat
+AUTO_RETRIES_AFTER_KILL = 1  # a job whose process died is rerun automatically this often; then skipped (OOM loops)
 
 
 class StoreError(ValueError):
     """The results store cannot be opened or written; one line naming the path and what to do."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk (or quota) is full: then no later job can be kept and the study stops."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, (sqlite3.DatabaseError, StoreError)) and ("disk is full" in str(e) or "disk full" in str(e))
 
 
 JOB_COLUMNS: dict[str, str] = {
@@ -43,6 +54,7 @@ JOB_COLUMNS: dict[str, str] = {
     "init": "TEXT",  # e.g. 'imagenet', 'imagenet:IMAGENET1K_V2', 'random', 'kaiming_normal', 'file:/x.safetensors'
     "weights_tag": "TEXT",  # resolved pretrained tag, or the random scheme
     "init_seed": "INTEGER",
+    "precision": "TEXT",  # backbone precision: 'fp32', 'bf16', 'int8' (NULL in stores written before: fp32)
     "layer_preset": "TEXT",
     "layers": "TEXT",  # JSON list of module names
     "dim_a": "INTEGER",  # total channels of the fused embedding
@@ -71,6 +83,7 @@ JOB_COLUMNS: dict[str, str] = {
     "status": "TEXT",  # 'started', 'done', 'failed', 'killed' (the process died mid-job), 'interrupted'
     "error": "TEXT",
     "attempts": "INTEGER",
+    "kills": "INTEGER",  # times a process running it died mid-job (the first is retried automatically, once)
     "lease_host": "TEXT",  # runner that holds the job while it is 'started'
     "lease_pid": "INTEGER",
     "lease_proc_start": "REAL",  # that process's start time (guards against a reused pid)
@@ -100,6 +113,9 @@ RESULT_COLUMNS: dict[str, str] = {
     "aupro": "REAL",
     "aupro_lo": "REAL",
     "aupro_hi": "REAL",
+    "max_in_mask": "REAL",  # share of defective test images whose map maximum is in (or 4 px near) the ground truth
+    "pixel_boot": "BLOB",  # .npy float32 (n_boot, 2): bootstrap replicates of [pixel AUROC, AUPRO] (paired tests)
+    "pixel_boot_seed": "INTEGER",  # the bootstrap's seed (replicates pair only between equal seeds and test sets)
     "image_f1_max": "REAL",  # optimistic: threshold chosen on the test set
     "pixel_f1_max": "REAL",  # optimistic: threshold chosen on the test set
     "fit_s": "REAL",
@@ -131,9 +147,28 @@ EXAMPLE_COLUMNS: dict[str, str] = {
 
 
 STUDY_COLUMNS: dict[str, str] = {"study": "TEXT PRIMARY KEY", "spec_yaml": "TEXT", "recorded_at": "TEXT"}
+BASELINE_COLUMNS: dict[str, str] = {  # trivial shortcut baselines (adspine.baselines), once per category and input
+    "dataset": "TEXT",
+    "dataset_root": "TEXT",
+    "category": "TEXT",
+    "protocol": "TEXT",
+    "image_height": "INTEGER",
+    "image_width": "INTEGER",
+    "baseline": "TEXT",  # adspine.baselines.BASELINES name
+    "image_auroc": "REAL",
+    "image_auroc_lo": "REAL",  # 95 % interval (DeLong)
+    "image_auroc_hi": "REAL",
+    "n_train": "INTEGER",
+    "n_test": "INTEGER",
+    "test_labels": "BLOB",
+    "test_scores": "BLOB",
+    "computed_at": "TEXT",
+}
 _TABLES = {"jobs": (JOB_COLUMNS, ""), "results": (RESULT_COLUMNS, ", UNIQUE(job_id, method, rd_seed)"),
-           "examples": (EXAMPLE_COLUMNS, ""), "studies": (STUDY_COLUMNS, "")}
-_BLOBS = ("amap", "mask", "test_labels", "test_scores")
+           "examples": (EXAMPLE_COLUMNS, ""), "studies": (STUDY_COLUMNS, ""),
+           "baselines": (BASELINE_COLUMNS, ", UNIQUE(dataset, category, protocol, image_height, image_width, "
+                                           "baseline)")}
+_BLOBS = ("amap", "mask", "test_labels", "test_scores", "pixel_boot")
 
 
 def now() -> str:
@@ -172,6 +207,26 @@ def lease_alive(job: dict[str, Any], ttl_s: float = DEFAULT_LEASE_TTL_S) -> bool
     return age < ttl_s
 
 
+def _killed_message(job: dict[str, Any]) -> str:
+    return f"killed: the process running attempt {job.get('attempts') or 1} died mid-job (e.g. out of memory)"
+
+
+def plain_run_outcome(job: dict[str, Any], ttl_s: float = DEFAULT_LEASE_TTL_S) -> str | None:
+    """What a run without ``retry_killed`` does with a stored job row: 'done' (skipped), 'running' (held by a live
+    runner), 'killed' (its process died again after the automatic retry: skipped), 'retry' (died once: rerun);
+    None: an ordinary (re)run."""
+    status, kills = job.get("status"), int(job.get("kills") or 0)
+    if status == "started":
+        if lease_alive(job, ttl_s):
+            return "running"
+        status, kills = "killed", kills + 1
+    if status == "done":
+        return "done"
+    if status == "killed":
+        return "retry" if max(kills, 1) <= AUTO_RETRIES_AFTER_KILL else "killed"
+    return None
+
+
 class ResultStore:
     """Thin wrapper over one SQLite file; creates or upgrades its tables on first use (``readonly``: never writes)."""
 
@@ -205,6 +260,11 @@ class ResultStore:
                 self._columns = {t: self._table_columns(t) for t in _TABLES}
         except sqlite3.DatabaseError as e:
             raise StoreError(self._message(e, what)) from None
+        if readonly and not (self._columns["jobs"] and self._columns["results"]):
+            self._con.close()
+            what = "an empty file (0 bytes)" if self.path.stat().st_size == 0 else "an SQLite file without results"
+            raise StoreError(f"{self.path}: {what}, not a results store; pass the --db file written by "
+                             "`adspine study`")
 
     def _message(self, e: BaseException, what: str = "write") -> str:
         msg = str(e)
@@ -265,36 +325,41 @@ class ResultStore:
         self._write(lambda: self._insert("studies", {"study": study, "spec_yaml": spec_yaml, "recorded_at": now()},
                                          replace=True))
 
-    def claim_job(self, row: dict[str, Any], retry_killed: bool = False,
-                  ttl_s: float = DEFAULT_LEASE_TTL_S) -> str | None:
-        """Take a job for this process before any work; returns None when claimed, else why not ('done',
-        'running' (another live runner holds it), 'killed' (an earlier attempt died; see ``retry_killed``))."""
+    def claim_job(self, row: dict[str, Any], retry_killed: bool = False, ttl_s: float = DEFAULT_LEASE_TTL_S) -> str:
+        """Take a job for this process before any work. Returns 'claimed', 'retried' (claimed again after its process
+        died: automatically the first time, every time with ``retry_killed``) or why not: 'done', 'running' (another
+        live runner holds it), 'killed' (its process died again after the automatic retry; see ``retry_killed``)."""
 
-        def claim() -> str | None:
+        def claim() -> str:
             self._con.execute("BEGIN IMMEDIATE")  # one claimer at a time across processes
             old = self._con.execute("SELECT * FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone()
-            old = dict(old) if old else None
-            if old:
-                if old["status"] == "done":
-                    return "done"
-                if old["status"] == "started":
-                    if lease_alive(old, ttl_s):
-                        return "running"
-                    self._con.execute("UPDATE jobs SET status = 'killed', error = ? WHERE job_id = ?",
-                                      (f"killed: the process running attempt {old.get('attempts') or 1} died "
-                                       f"mid-job (e.g. out of memory)", row["job_id"]))
-                    old["status"] = "killed"
-                if old["status"] == "killed" and not retry_killed:
-                    return "killed"
+            old = dict(old) if old else {}
+            outcome = plain_run_outcome(old, ttl_s) if old else None
+            if outcome in ("done", "running"):
+                return outcome
+            if old.get("status") == "started":  # its runner is gone
+                old["kills"] = self._mark_killed(old)
+            if outcome == "killed" and not retry_killed:
+                return "killed"
             self._con.execute("DELETE FROM results WHERE job_id = ?", (row["job_id"],))
             self._con.execute("DELETE FROM examples WHERE job_id = ?", (row["job_id"],))
             claimed = {**_clean(row, JOB_COLUMNS), "status": "started", "error": None,
-                       "attempts": int((old or {}).get("attempts") or 0) + 1, "lease_host": socket.gethostname(),
-                       "lease_pid": os.getpid(), "lease_proc_start": _process_start(os.getpid()), "lease_at": now()}
+                       "attempts": int(old.get("attempts") or 0) + 1,
+                       "kills": max(int(old.get("kills") or 0), 1) if outcome else old.get("kills"),
+                       "lease_host": socket.gethostname(), "lease_pid": os.getpid(),
+                       "lease_proc_start": _process_start(os.getpid()), "lease_at": now()}
             self._insert("jobs", claimed, replace=True)
-            return None
+            return "claimed" if outcome is None else "retried"
 
         return self._write(claim)
+
+    def _mark_killed(self, job: dict[str, Any], error: str | None = None) -> int:
+        """Set a job whose process died to 'killed' (inside a write); returns its new kill count."""
+        kills = int(job.get("kills") or 0) + 1
+        self._con.execute("UPDATE jobs SET status = 'killed', error = ?, kills = ?, lease_host = NULL, "
+                          "lease_pid = NULL, lease_proc_start = NULL WHERE job_id = ?",
+                          (error or _killed_message(job), kills, job["job_id"]))
+        return kills
 
     def mark_dead_leases(self, ttl_s: float = DEFAULT_LEASE_TTL_S) -> list[str]:
         """Mark every ``started`` job whose runner is gone as ``killed``; returns their ids."""
@@ -303,18 +368,35 @@ class ResultStore:
             dead = [dict(r) for r in self._con.execute("SELECT * FROM jobs WHERE status = 'started'")]
             dead = [j for j in dead if not lease_alive(j, ttl_s)]
             for j in dead:
-                self._con.execute("UPDATE jobs SET status = 'killed', error = ? WHERE job_id = ?",
-                                  (f"killed: the process running attempt {j.get('attempts') or 1} died mid-job "
-                                   f"(e.g. out of memory)", j["job_id"]))
+                self._mark_killed(j)
             return [j["job_id"] for j in dead]
 
         return self._write(mark)
 
-    def release_job(self, job_id: str) -> None:
-        """Give a claimed job back after an interruption (Ctrl-C): the next run takes it up again."""
+    def job_died(self, job_id: str, error: str) -> bool:
+        """A process running a job this runner holds died (e.g. a Ray worker or its node). Returns True when the job
+        is to be retried now (its first death; the attempt is counted), else marks it 'killed' (plain runs skip it)."""
+
+        def put() -> bool:
+            job = dict(self._con.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
+            if int(job.get("kills") or 0) < AUTO_RETRIES_AFTER_KILL:
+                self._con.execute("UPDATE jobs SET kills = ?, attempts = ?, error = ?, lease_at = ? WHERE job_id = ?",
+                                  (int(job.get("kills") or 0) + 1, int(job.get("attempts") or 0) + 1,
+                                   f"retried: {error}", now(), job_id))
+                return True
+            self._mark_killed(job, f"killed: {error}")
+            return False
+
+        return self._write(put)
+
+    def release_job(self, job_id: str | None = None) -> None:
+        """Give a job this process holds back after an interruption (Ctrl-C, SIGTERM): the next run takes it up again.
+        None: every job it holds."""
+        which = "" if job_id is None else "job_id = ? AND "
         self._write(lambda: self._con.execute(
             "UPDATE jobs SET status = 'interrupted', lease_host = NULL, lease_pid = NULL, lease_proc_start = NULL "
-            "WHERE job_id = ? AND status = 'started'", (job_id,)))
+            f"WHERE {which}status = 'started' AND lease_host = ? AND lease_pid = ?",
+            ([] if job_id is None else [job_id]) + [socket.gethostname(), os.getpid()]))
 
     def record_result(self, job_id: str, result: dict[str, Any], examples: Iterable[dict[str, Any]] = ()) -> None:
         """Commit one method's result (and its example maps) as soon as it ends; renews the job's lease."""
@@ -401,6 +483,20 @@ class ResultStore:
         if "study" not in self._columns.get("studies", set()):
             return {}
         return {r["study"]: r["spec_yaml"] for r in self._con.execute("SELECT * FROM studies ORDER BY recorded_at")}
+
+    def record_baselines(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Keep one category's trivial baselines (replacing earlier ones of the same category and input)."""
+        rows = [_clean({**r, "computed_at": now()}, BASELINE_COLUMNS) for r in rows]
+        self._write(lambda: [self._insert("baselines", r, replace=True) for r in rows])
+
+    def baselines(self, dataset: str | None = None) -> list[dict[str, Any]]:
+        """Stored trivial baselines (none in stores written before they existed)."""
+        if "baseline" not in self._columns.get("baselines", set()):
+            return []
+        q, args = "SELECT * FROM baselines", ()
+        if dataset is not None:
+            q, args = q + " WHERE dataset = ?", (dataset,)
+        return [_decode(dict(r)) for r in self._con.execute(q + " ORDER BY rowid", args)]
 
     def examples(self, job_id: str, method: str, rd_seed: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM examples WHERE job_id = ? AND method = ? AND rd_seed IS ? ORDER BY idx"
