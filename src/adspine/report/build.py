@@ -6,6 +6,7 @@ Layout of ``out``::
     recommendation.md
     tables/ranking_<dataset>.{md,tex,csv}
     tables/significance_<dataset>.csv
+    tables/baselines_<dataset>.csv   trivial baselines per category (where the store has them)
     tables/<dataset>_<family>.{md,tex,csv}
     tables/failed_jobs.csv, tables/failed_methods.csv
     plots/<dataset>_*.png
@@ -87,8 +88,10 @@ def _fit_command(entry: dict | None, rows: list[dict]) -> str | None:
         return None
     from adspine.detector import fit_command
 
-    row = next((r for r in rows if (r["backbone"], r["init"], r["method"], str(r.get("dataset") or "dataset"))
-                == (entry["backbone"], entry["init"], entry["method"], entry["dataset"])), None)
+    row = next((r for r in rows if (r["backbone"], r["init"], r.get("precision") or "fp32", r["method"],
+                                    str(r.get("dataset") or "dataset"))
+                == (entry["backbone"], entry["init"], entry.get("precision") or "fp32", entry["method"],
+                    entry["dataset"])), None)
     if row is None:
         return None
     try:
@@ -119,8 +122,26 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(p, dest)
 
 
-def build_report(db: str | Path, out: str | Path, budget_ms: float | None = None) -> Path:
-    """Write every report file into ``out`` and return the path of ``report.html``."""
+def _spec_rank_by(specs: dict[str, str]) -> str | None:
+    """The studies' ``rank_by`` where they agree on one (None: the default)."""
+    import yaml
+
+    found = set()
+    for text in specs.values():
+        try:
+            d = yaml.safe_load(text or "")
+        except yaml.YAMLError:
+            continue
+        if isinstance(d, dict) and d.get("rank_by"):
+            found.add(str(d["rank_by"]))
+    return found.pop() if len(found) == 1 else None
+
+
+def build_report(db: str | Path, out: str | Path, budget_ms: float | None = None, rank_by: str | None = None) -> Path:
+    """Write every report file into ``out`` and return the path of ``report.html``. ``rank_by``: the ranking and
+    recommendation criterion (``recommend.RANK_BY``; None = the study spec's ``rank_by``, else ``auto``)."""
+    from adspine.report.recommend import RANK_BY
+
     from adspine.study.store import ResultStore, StoreError
 
     db, out = Path(db), Path(out)
@@ -128,6 +149,8 @@ def build_report(db: str | Path, out: str | Path, budget_ms: float | None = None
         raise ReportError(f"{db}: results store not found; pass the --db file written by `adspine study`")
     if budget_ms is not None and not budget_ms > 0:
         raise ReportError(f"--budget-ms {budget_ms}: must be a positive number of milliseconds")
+    if rank_by is not None and rank_by not in RANK_BY:
+        raise ReportError(f"--rank-by {rank_by}: must be one of {', '.join(RANK_BY)}")
     if out.resolve() == db.resolve() or db.resolve() in out.resolve().parents:
         raise ReportError(f"{out}: is the results store itself; pass another --out folder")
     try:
@@ -137,7 +160,7 @@ def build_report(db: str | Path, out: str | Path, budget_ms: float | None = None
     tmp = _prepare_out(out)
     try:
         with store:
-            _build(store, db, tmp, budget_ms)
+            _build(store, db, tmp, budget_ms, rank_by)
         _publish(tmp, out)
     except OSError as e:
         where = e.filename or out
@@ -148,14 +171,14 @@ def build_report(db: str | Path, out: str | Path, budget_ms: float | None = None
     return out / "report.html"
 
 
-def _build(store, db: Path, out: Path, budget_ms: float | None) -> None:
+def _build(store, db: Path, out: Path, budget_ms: float | None, rank_by: str | None = None) -> None:
     from adspine.report import html as html_mod
     from adspine.report import plots as plots_mod
     from adspine.report import recommend as rec_mod
     from adspine.report import significance as sig_mod
     from adspine.report.examples import CategoryExamples, category_extremes, render_category
-    from adspine.report.tables import datasets, family_tables, ranking, ranking_csv, ranking_latex, \
-        ranking_markdown, slug
+    from adspine.report.tables import add_baselines, baseline_csv, baseline_entries, baseline_rows_for, datasets, \
+        family_tables, ranking, ranking_csv, ranking_latex, ranking_markdown, slug
 
     files: list[Path] = []
     rows = store.rows()
@@ -163,23 +186,39 @@ def _build(store, db: Path, out: Path, budget_ms: float | None) -> None:
     failed_jobs = [j for j in jobs if j.get("status") in ("failed", "killed")]
     failed_methods = store.failed_results()
     specs = store.study_specs()
+    rank_by = rank_by or _spec_rank_by(specs) or "auto"
 
     ranks = ranking(rows)
     by_ds = {ds: [e for e in ranks if e["dataset"] == ds] for ds in datasets(rows)}
-    sig = {}
+    sig, modes, refs, shortcut = {}, {}, {}, {}
     for ds, entries in by_ds.items():
         ds_rows = [r for r in rows if str(r.get("dataset") or "dataset") == ds]
         sig[ds] = sig_mod.compare_to_best(ds_rows, entries)
+        sig_mod.compare_localisation(ds_rows, entries)
+        modes[ds] = rec_mod.resolve_rank_by(rank_by, entries)
+        by_ds[ds] = entries = rec_mod.order(entries, modes[ds])
+        base_rows = baseline_rows_for(store.baselines(ds), ds_rows)
+        refs[ds] = baseline_entries(base_rows, ds)
+        shortcut[ds] = rec_mod.shortcut_warning(entries, refs[ds])
         stem = out / "tables" / f"ranking_{slug(ds)}"
-        files += [_write(stem.with_suffix(".md"), ranking_markdown(entries, ds)),
-                  _write(stem.with_suffix(".tex"), ranking_latex(entries, ds)),
+        files += [_write(stem.with_suffix(".md"), ranking_markdown(entries, ds, modes[ds], refs[ds], shortcut[ds])),
+                  _write(stem.with_suffix(".tex"), ranking_latex(entries, ds, modes[ds], refs[ds])),
                   _write(stem.with_suffix(".csv"), ranking_csv(entries))]
+        if base_rows:
+            files.append(_write(out / "tables" / f"baselines_{slug(ds)}.csv", baseline_csv(base_rows)))
+        from adspine.report.precision import precision_comparison, precision_markdown
+
+        precision_md = precision_markdown(precision_comparison(ds_rows))
+        if precision_md:  # some configuration ran in bf16 / int8 beside fp32
+            files.append(_write(out / "tables" / f"precision_{slug(ds)}.md", precision_md))
         if sig[ds].per_category:
             files.append(_write(out / "tables" / f"significance_{slug(ds)}.csv", _csv(
                 sig_mod.category_csv_rows(entries, sig[ds]),
-                ["dataset", "category", "backbone", "init", "method", "is_best", "p_holm", "indistinguishable"])))
+                ["dataset", "category", "backbone", "init", "method", "is_best", "p_holm", "indistinguishable",
+                 "precision"])))
 
     fams = family_tables(rows)
+    add_baselines(fams, refs)
     for t in fams:
         stem = out / "tables" / t.name
         files += [_write(stem.with_suffix(".md"), t.to_markdown()), _write(stem.with_suffix(".tex"), t.to_latex()),
@@ -191,8 +230,8 @@ def _build(store, db: Path, out: Path, budget_ms: float | None) -> None:
         files += [v["path"] for v in plots[ds].values()]
 
     recs = []
-    for entries in by_ds.values():
-        rec = rec_mod.recommend(entries, budget_ms)
+    for ds, entries in by_ds.items():
+        rec = rec_mod.recommend(entries, budget_ms, rank_by=rank_by, baselines=refs[ds])
         rec.fit_command = _fit_command(rec.best, rows)
         recs.append(rec)
     files.append(_write(out / "recommendation.md", rec_mod.to_markdown(recs)))
@@ -220,6 +259,9 @@ def _build(store, db: Path, out: Path, budget_ms: float | None) -> None:
         "datasets": list(by_ds),
         "ranking": by_ds,
         "significance": sig,
+        "rank_mode": modes,
+        "baselines": refs,
+        "shortcut": shortcut,
         "plots": plots,
         "family_tables": fams,
         "recommendations": recs,

@@ -65,9 +65,9 @@ def category_extremes(rows: list[dict], method: str | None) -> list[tuple[str, s
         sub = [r for r in g if m is None or r["method"] == m]
         per: dict[tuple, list[dict]] = defaultdict(list)
         for r in sub:
-            per[(r["backbone"], r["init"], r["method"])].append(r)
+            per[(r["backbone"], r["init"], r.get("precision") or "fp32", r["method"])].append(r)
         picks = []
-        for (b, i, mm), rs in per.items():
+        for (b, i, _precision, mm), rs in per.items():
             v = mean_or_none(r.get("image_auroc") for r in rs)
             if v is not None:
                 picks.append(Pick(b, i, mm, v, rs))

@@ -6,8 +6,8 @@ import base64
 from html import escape
 from pathlib import Path
 
-from adspine.report.tables import (RANKING_HEAD, FamilyTable, config_label, method_name, pct, ranking_cells,
-                                   ranking_note, slug)
+from adspine.report.tables import (RANKING_HEAD, FamilyTable, baseline_cells, baseline_note, config_label,
+                                   method_name, pct, ranking_cells, ranking_note, slug)
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0;color:#1d2430;
@@ -29,6 +29,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.mean td{background:#f5f8fc;font-style:italic}
 tr.first td{border-top:2px solid #8a99ad}
 tr.close td{background:#f1f8f1}
+tr.ref td{background:#f7f3ea;font-style:italic}
 td.best{font-weight:700;color:#0b5d1e}
 .rec{background:#eef7ee;border-left:5px solid #2e7d32;padding:10px 14px;margin:10px 0;font-size:15px}
 .warn{background:#fff4e5;border-left:5px solid #e07b00;padding:8px 12px}
@@ -58,12 +59,16 @@ def family_table_html(t: FamilyTable) -> str:
     head1 = '<th rowspan="2">category</th>' + "".join(
         f'<th colspan="{len(cs)}">{escape(t.variants[v])}</th>' for v, cs in groups if cs)
     head2 = "".join(f"<th>{escape(method_name(m))}</th>" for _, m in t.columns)
+    if t.reference:
+        head1 += f'<th rowspan="2">{escape(t.REFERENCE_HEAD)}</th>'
     body, prev_mean = [], False
     for r in t.rows:
         best = t.best_columns(r)
         cls = [c for c, on in (("mean", r.is_mean), ("first", r.is_mean and not prev_mean)) if on]
         cells = "".join(f'<td class="n{" best" if col in best else ""}">{escape(t.cell_text(r, col))}</td>'
                         for col in t.columns)
+        if t.reference:
+            cells += f'<td class="n">{escape(t.reference_text(r))}</td>'
         body.append(f'<tr class="{" ".join(cls)}"><td>{escape(r.label)}</td>{cells}</tr>')
         prev_mean = r.is_mean
     note = ('<p class="muted">* mean over the categories that have a value.</p>' if t.has_incomplete else "")
@@ -71,7 +76,7 @@ def family_table_html(t: FamilyTable) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>' + note)
 
 
-def ranking_html(entries: list[dict]) -> str:
+def ranking_html(entries: list[dict], baselines: list[dict] | None = None) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in RANKING_HEAD)
     body = []
     for e in entries:
@@ -79,6 +84,10 @@ def ranking_html(entries: list[dict]) -> str:
         cls = ' class="close"' if e.get("is_best") or e.get("indistinguishable_from_best") else ""
         tds = "".join(f'<td{"" if j in (1, 2, 3) else " class=n"}>{escape(c)}</td>' for j, c in enumerate(cells))
         body.append(f"<tr{cls}>{tds}</tr>")
+    for b in baselines or ():
+        tds = "".join(f'<td{"" if j in (1, 2, 3) else " class=n"}>{escape(c)}</td>'
+                      for j, c in enumerate(baseline_cells(b)))
+        body.append(f'<tr class="ref">{tds}</tr>')
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
@@ -157,13 +166,15 @@ def render(ctx: dict) -> str:
 
     sec = ['<section id="recommendation"><h2>Recommendation</h2>']
     for rec in ctx["recommendations"]:
-        sec.append(f"<h3>{escape(rec.dataset)}</h3><div class=\"rec\">{escape(rec.text)}</div>")
+        text = rec.text.replace(rec.warning, "").strip() if rec.warning else rec.text
+        sec.append(f"<h3>{escape(rec.dataset)}</h3><div class=\"rec\">{escape(text)}</div>")
+        if rec.warning:
+            sec.append(f'<p class="warn">{escape(rec.warning)}</p>')
         if rec.fit_command:
             sec.append(f"<p>Build it:</p><pre>{escape(rec.fit_command)}</pre>")
     sec.append('<p class="muted">Latency = backbone forward ms/img at batch 1 + method predict ms/img, each the '
-               "minimum over short repeats and over the jobs that timed it, where stored. Quality = mean image "
-               "ROC-AUC over "
-               "categories (mean over Rd seeds).</p></section>")
+               "minimum over short repeats and over the jobs that timed it, where stored. Quality = mean over "
+               "categories (mean over Rd seeds); each recommendation states its criterion (--rank-by).</p></section>")
     parts.append("".join(sec))
 
     sec = ['<section id="ranking"><h2>Overall ranking</h2>',
@@ -171,8 +182,13 @@ def render(ctx: dict) -> str:
            "FLOPs of the truncated backbone. Green rows: the best and those not distinguishable from it.</p>"]
     for ds in ctx["datasets"]:
         entries = ctx["ranking"][ds]
-        sec.append(f"<h3>{escape(ds)}</h3><p class=\"muted\">{escape(ranking_note(entries))}</p>"
-                   + ranking_html(entries))
+        refs = ctx.get("baselines", {}).get(ds)
+        mode = ctx.get("rank_mode", {}).get(ds, "image")
+        sec.append(f"<h3>{escape(ds)}</h3><p class=\"muted\">{escape(ranking_note(entries, mode))}"
+                   f"{escape(baseline_note(refs))}</p>" + ranking_html(entries, refs))
+        warning = ctx.get("shortcut", {}).get(ds)
+        if warning:
+            sec.append(f'<p class="warn">{escape(warning)}</p>')
         sig = ctx.get("significance", {}).get(ds)
         if sig is not None:
             sec.append(f"<h4>{escape(ds)}: per category, against the category's best</h4>"

@@ -51,7 +51,7 @@ def _array(v) -> np.ndarray | None:
 
 
 def _key(r: dict) -> tuple:
-    return (r["backbone"], r["init"], r["method"])
+    return (r["backbone"], r["init"], r.get("precision") or "fp32", r["method"])
 
 
 def _first_seed_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -111,10 +111,10 @@ def compare_to_best(rows: list[dict], entries: list[dict]) -> Significance:
     top = next((e for e in entries if e.get("image_auroc_mean") is not None), None)
     if top is None:
         return sig
-    best = (top["backbone"], top["init"], top["method"])
+    best = _key(top)
     raw = {}
     for e in entries:
-        key = (e["backbone"], e["init"], e["method"])
+        key = _key(e)
         if key == best:
             continue
         cats = [c for c in data.get(best, {}) if c in data.get(key, {})
@@ -142,7 +142,7 @@ def compare_to_best(rows: list[dict], entries: list[dict]) -> Significance:
     keys = list(raw)
     adj = dict(zip(keys, map(float, unc.holm([raw[k] for k in keys])))) if keys else {}
     for e in entries:
-        key = (e["backbone"], e["init"], e["method"])
+        key = _key(e)
         e["is_best"] = key == best
         if key == best:
             e["indistinguishable_from_best"] = True
@@ -157,7 +157,7 @@ def category_table(entries: list[dict], sig: Significance) -> tuple[list[str], l
     cats = list(sig.per_category)
     out = []
     for e in entries:
-        key = (e["backbone"], e["init"], e["method"])
+        key = _key(e)
         cells = []
         for c in cats:
             t = sig.per_category[c]
@@ -173,14 +173,112 @@ def category_table(entries: list[dict], sig: Significance) -> tuple[list[str], l
 
 
 def category_csv_rows(entries: list[dict], sig: Significance) -> list[list]:
-    """Long rows: dataset, category, backbone, init, method, is_best, p_holm, indistinguishable."""
+    """Long rows: dataset, category, backbone, init, method, is_best, p_holm, indistinguishable, precision."""
     rows = []
     for c, t in sig.per_category.items():
         for e in entries:
-            key = (e["backbone"], e["init"], e["method"])
+            key = _key(e)
             if key != t.best and key not in t.p_holm:
                 continue
             p = t.p_holm.get(key)
-            rows.append([e["dataset"], c, *key, int(key == t.best), "" if p is None else f"{p:.6g}",
-                         int(bool(t.indistinguishable(key)))])
+            rows.append([e["dataset"], c, e["backbone"], e["init"], e["method"], int(key == t.best),
+                         "" if p is None else f"{p:.6g}", int(bool(t.indistinguishable(key))), key[2]])
     return rows
+
+
+# -- localisation: AUPRO and pixel AUROC against the best's ---------------------------------------------------------
+LOCALISATION_METRICS = ("aupro", "pixel_auroc")
+
+
+def _category_difference(rb: dict, rk: dict, metric: str) -> tuple[float, float, str] | None:
+    """(best - other, its variance, basis) on one category: paired when both rows hold bootstrap replicates of the
+    same resamples (same seed, count and test labels), else unpaired from the two stored 95 % intervals."""
+    vb, vk = rb.get(metric), rk.get(metric)
+    if vb is None or vk is None:
+        return None
+    col = {"pixel_auroc": 0, "aupro": 1}[metric]  # the replicates' columns (adspine.metrics.localisation)
+    bb, bk = _array(rb.get("pixel_boot")), _array(rk.get("pixel_boot"))
+    lb, lk = _array(rb.get("test_labels")), _array(rk.get("test_labels"))
+    if (bb is not None and bk is not None and bb.shape == bk.shape and len(bb) > 1
+            and rb.get("pixel_boot_seed") == rk.get("pixel_boot_seed") and lb is not None and lk is not None
+            and np.array_equal(lb, lk)):
+        return float(vb - vk), float(np.var(bb[:, col].astype(float) - bk[:, col], ddof=1)), "paired bootstrap"
+    ends = [rb.get(f"{metric}_lo"), rb.get(f"{metric}_hi"), rk.get(f"{metric}_lo"), rk.get(f"{metric}_hi")]
+    if any(v is None for v in ends):
+        return None
+    var = ((ends[1] - ends[0]) / (2 * Z95)) ** 2 + ((ends[3] - ends[2]) / (2 * Z95)) ** 2
+    return float(vb - vk), float(var), "unpaired intervals"
+
+
+def compare_localisation(rows: list[dict], entries: list[dict]) -> dict[str, tuple | None]:
+    """Mark ONE dataset's ranking ``entries`` in place: per metric of ``LOCALISATION_METRICS`` the Holm-adjusted p
+    of the difference to the configuration with the best mean (``{metric}_vs_best_p``), and ``localisation``:
+    'best', 'ok' (neither metric significantly below the best's), 'below' (AUPRO or pixel AUROC significantly
+    below the best's at 5 %) or None (not tested: no pixel metrics, replicates or intervals).
+
+    The test: on the mean over categories (first Rd seed of each), z = mean of the per-category differences /
+    (sqrt(sum of their variances) / n), variances from the paired bootstrap replicates (same resamples of the test
+    images for every configuration), else from the two stored intervals; Holm over the configurations. Returns
+    the best configuration per metric."""
+    rows = [r for r in rows if is_done(r)]
+    seed_rows = _first_seed_rows(rows)
+    best_of: dict[str, tuple | None] = {}
+    verdict: dict[tuple, set[str]] = defaultdict(set)
+    tested: set[tuple] = set()  # compared with the best on at least one metric
+    compared: dict[str, bool] = {}
+    for metric in LOCALISATION_METRICS:
+        have = [e for e in entries if e.get(f"{metric}_mean") is not None]
+        if not have:
+            best_of[metric] = None
+            continue
+        top = max(have, key=lambda e: e[f"{metric}_mean"])
+        best = _key(top)
+        best_of[metric] = best
+        raw, diffs = {}, {}
+        for e in have:
+            key = _key(e)
+            if key == best:
+                continue
+            cats = list(seed_rows.get(best, {}))
+            parts = [_category_difference(seed_rows[best][c], seed_rows[key][c], metric)
+                     for c in cats if c in seed_rows.get(key, {})]
+            if not cats or len(parts) < len(cats) or any(p is None for p in parts):
+                continue  # not comparable on every category of the best: no claim
+            diff = sum(p[0] for p in parts) / len(parts)
+            se = math.sqrt(sum(p[1] for p in parts)) / len(parts)
+            raw[key] = 1.0 if diff == 0 else (0.0 if se == 0 else float(2 * norm_sf(abs(diff) / se)))
+            diffs[key] = diff
+            e[f"{metric}_vs_best_basis"] = ", ".join(sorted({p[2] for p in parts}))
+        keys = list(raw)
+        adj = dict(zip(keys, holm_list([raw[k] for k in keys]))) if keys else {}
+        compared[metric] = bool(adj)
+        for e in have:
+            key = _key(e)
+            if key in adj:
+                e[f"{metric}_vs_best_p"] = adj[key]
+                tested.add(key)
+                if adj[key] < ALPHA and diffs[key] > 0:
+                    verdict[key].add(metric)
+    lead = next((best_of[m] for m in LOCALISATION_METRICS if compared.get(m)), None)
+    for e in entries:
+        key = _key(e)
+        e["localisation_below"] = sorted(verdict.get(key, ()))
+        if key in verdict:
+            e["localisation"] = "below"
+        elif key == lead:
+            e["localisation"] = "best"
+        else:
+            e["localisation"] = "ok" if key in tested else None
+    return best_of
+
+
+def norm_sf(z: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.sf(z))
+
+
+def holm_list(pvalues: list[float]) -> list[float]:
+    from adspine.metrics.uncertainty import holm
+
+    return [float(p) for p in holm(pvalues)]

@@ -17,6 +17,7 @@ Metrics are stored as fractions in [0, 1] and shown in percent; missing values (
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 import re
@@ -111,7 +112,8 @@ def latex_escape(s: Any) -> str:
 
 
 def md_escape(s: Any) -> str:
-    return str(s).replace("|", r"\|")
+    """Text for a Markdown table: HTML escaped as in the HTML report (no raw tags), ``|`` escaped, one line."""
+    return html.escape(" ".join(str(s).splitlines()), quote=False).replace("|", r"\|")
 
 
 def _first(values):
@@ -196,10 +198,18 @@ class FamilyTable:
     dataset: str
     family: str
     variants: list[str]  # column-group labels
-    keys: list[tuple[str, str]]  # (backbone, init) per variant
+    keys: list[tuple[str, str, str]]  # (backbone, init, precision) per variant
     methods: list[str]
     columns: list[tuple[int, str]]  # (variant index, method) present in the data, in display order
     rows: list[TableRow]
+    members: dict[str, list[str]] = field(default_factory=dict)  # mean row label -> its categories
+    reference: dict[str, tuple[str, float] | None] = field(default_factory=dict)  # row -> best trivial baseline
+
+    REFERENCE_HEAD = "trivial baseline (image)"
+
+    def reference_text(self, row: TableRow) -> str:
+        ref = self.reference.get(row.label)
+        return MISSING if ref is None else f"{pct(ref[1])} ({ref[0]})"
 
     @property
     def name(self) -> str:
@@ -231,22 +241,24 @@ class FamilyTable:
 
     def to_markdown(self) -> str:
         head = ["category", *(self.column_label(c) for c in self.columns)]
+        ref = [self.REFERENCE_HEAD] if self.reference else []
         lines = [
             f"**{md_escape(self.family)}** on {md_escape(self.dataset)}: image ROC-AUC / pixel ROC-AUC (%), "
             f"mean over Rd seeds; {MISSING} = absent (e.g. no pixel ground truth)",
             "",
-            "| " + " | ".join(md_escape(h) for h in head) + " |",
-            "|" + "|".join(["---"] + ["---:"] * len(self.columns)) + "|",
+            "| " + " | ".join(md_escape(h) for h in head + ref) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(self.columns) + len(ref))) + "|",
         ]
         for r in self.rows:
             label = f"**{md_escape(r.label)}**" if r.is_mean else md_escape(r.label)
-            lines.append("| " + " | ".join([label, *(self.cell_text(r, c) for c in self.columns)]) + " |")
+            refs = [md_escape(self.reference_text(r))] if ref else []
+            lines.append("| " + " | ".join([label, *(self.cell_text(r, c) for c in self.columns), *refs]) + " |")
         if self.has_incomplete:
             lines += ["", "\\* mean over the categories that have a value."]
         return "\n".join(lines) + "\n"
 
     def to_latex(self) -> str:
-        n = len(self.columns)
+        n = len(self.columns) + bool(self.reference)
         groups = [(v, [c for c in self.columns if c[0] == v]) for v in range(len(self.variants))]
         groups = [(v, cs) for v, cs in groups if cs]
         head1, rules, start = ["Category"], [], 2
@@ -255,6 +267,9 @@ class FamilyTable:
             rules.append(r"\cmidrule(lr){" + f"{start}-{start + len(cs) - 1}" + "}")
             start += len(cs)
         head2 = [""] + [latex_escape(method_name(m)) for _, m in self.columns]
+        if self.reference:
+            head1.append("")
+            head2.append(latex_escape(self.REFERENCE_HEAD))
         out = [
             r"% needs \usepackage{booktabs}",
             r"\begin{table}[htbp]",
@@ -285,12 +300,15 @@ class FamilyTable:
                 a = rf"\textbf{{{a}}}" if col in best else a
                 star = "$^*$" if c is not None and c.incomplete else ""
                 cells.append(f"{a} / {latex_escape(pct(pix))}{star}")
+            if self.reference:
+                cells.append(latex_escape(self.reference_text(r)))
             label = rf"\textit{{{latex_escape(r.label)}}}" if r.is_mean else latex_escape(r.label)
             out.append(f"{label} & " + " & ".join(cells) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
         return "\n".join(out) + "\n"
 
-    CSV_COLUMNS = ["dataset", "family", "category", "is_mean", "variant", "backbone", "init", "method", "n_seeds",
+    CSV_COLUMNS = ["dataset", "family", "category", "is_mean", "variant", "backbone", "init", "precision", "method",
+                   "n_seeds",
                    "image_auroc", "image_auroc_lo", "image_auroc_hi", "pixel_auroc", "pixel_auroc_lo",
                    "pixel_auroc_hi"]
 
@@ -304,9 +322,9 @@ class FamilyTable:
                 c = r.cells.get(col)
                 if c is None:
                     continue
-                b, i = self.keys[col[0]]
-                line = [self.dataset, self.family, r.label, int(r.is_mean), self.variants[col[0]], b, i, col[1],
-                        c.n_seeds]
+                b, i, prec = self.keys[col[0]]
+                line = [self.dataset, self.family, r.label, int(r.is_mean), self.variants[col[0]], b, i, prec,
+                        col[1], c.n_seeds]
                 for m in METRICS:
                     line += [_csv_num(c.values.get(m)), _csv_num(c.lo.get(m)), _csv_num(c.hi.get(m))]
                 w.writerow(line)
@@ -318,10 +336,16 @@ def _csv_num(v) -> str:
     return "" if f is None else f"{f:.6f}"
 
 
-def variant_labels(keys: list[tuple[str, str]]) -> list[str]:
-    """Column labels: the backbone name, plus the init where the family has several inits."""
+def variant_labels(keys: list[tuple[str, str, str]]) -> list[str]:
+    """Column labels: the backbone name, plus the init where the family has several inits, plus the precision
+    where it is not fp32."""
     several = len({k[1] for k in keys}) > 1
-    return [f"{b} ({i})" if several else str(b) for b, i in keys]
+    return [(f"{b} ({i})" if several else str(b)) + ("" if p == "fp32" else f" {p}") for b, i, p in keys]
+
+
+def precision_of(r: dict) -> str:
+    """A row's backbone precision (stores written before precisions existed: fp32)."""
+    return str(r.get("precision") or "fp32")
 
 
 def _cell(rows: list[dict]) -> Cell:
@@ -362,12 +386,12 @@ def family_tables(rows: list[dict]) -> list[FamilyTable]:
         drows = [r for r in rows if _ds(r) == ds]
         for fam in _uniq(str(r.get("family") or r["backbone"]) for r in drows):
             frows = [r for r in drows if str(r.get("family") or r["backbone"]) == fam]
-            keys = _uniq((r["backbone"], r["init"]) for r in frows)
+            keys = _uniq((r["backbone"], r["init"], precision_of(r)) for r in frows)
             methods = _uniq(r["method"] for r in frows)
             cats = category_order(frows)
             acc: dict[tuple, list[dict]] = defaultdict(list)
             for r in frows:
-                acc[(r["category"], keys.index((r["backbone"], r["init"])), r["method"])].append(r)
+                acc[(r["category"], keys.index((r["backbone"], r["init"], precision_of(r))), r["method"])].append(r)
             columns = [(v, m) for v in range(len(keys)) for m in methods
                        if any((c, v, m) in acc for c, _ in cats)]
             per_cat = {c: {col: _cell(acc[(c, *col)]) for col in columns if (c, *col) in acc} for c, _ in cats}
@@ -382,15 +406,17 @@ def family_tables(rows: list[dict]) -> list[FamilyTable]:
                     if mc is not None:
                         cells[col] = mc
                 trows.append(TableRow(label, True, cells))
-            tables.append(FamilyTable(ds, fam, variant_labels(keys), keys, methods, columns, trows))
+            tables.append(FamilyTable(ds, fam, variant_labels(keys), keys, methods, columns, trows,
+                                      members={label: [str(c) for c in m] for label, m in groups}))
     return tables
 
 
 # -- ranking -----------------------------------------------------------------------------------------------------
 RANKING_CSV_COLUMNS = [
-    "dataset", "rank", "backbone", "family", "init", "weights_tag", "method", "n_categories", "n_seeds",
+    "dataset", "rank", "backbone", "family", "init", "precision", "weights_tag", "method", "n_categories", "n_seeds",
     "image_auroc_mean", "image_auroc_std", "image_auroc_lo", "image_auroc_hi", "pixel_auroc_mean", "pixel_auroc_std",
-    "aupro_mean", "aupro_std", "vs_best_p_holm", "indistinguishable_from_best", "backbone_ms_b1_min",
+    "aupro_mean", "aupro_std", "max_in_mask_mean", "vs_best_p_holm", "indistinguishable_from_best", "localisation",
+    "aupro_vs_best_p", "pixel_auroc_vs_best_p", "backbone_ms_b1_min",
     "backbone_ms_b1", "backbone_ms_bn_min", "backbone_ms_bn", "predict_ms_min", "predict_ms", "total_ms_b1",
     "latency_basis", "method_peak_mb", "peak_rss_mb", "memory_basis", "memory_source", "params", "flops",
     "imagenet_top1", "fit_s", "model_bytes", "device", "threads", "load_avg_max", "rd_scheme",
@@ -402,7 +428,8 @@ def _job_median(jobs, key) -> float | None:
 
 
 def ranking(rows: list[dict]) -> list[dict]:
-    """One entry per (dataset, backbone, init, method), ranked per dataset by mean image AUROC (missing last).
+    """One entry per (dataset, backbone, init, precision, method), ranked per dataset by mean image AUROC (missing
+    last).
 
     Latency ``total_ms_b1`` = backbone batch-1 ms/img + method predict ms/img, each the minimum over the repeats of
     every job that timed it (one timing window per category, minutes apart: this pools them, as the network and
@@ -412,20 +439,20 @@ def ranking(rows: list[dict]) -> list[dict]:
     rows = [r for r in rows if is_done(r)]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(_ds(r), r["backbone"], r["init"], r["method"])].append(r)
+        groups[(_ds(r), r["backbone"], r["init"], precision_of(r), r["method"])].append(r)
     out = []
-    for (ds, bb, init, m), g in groups.items():
+    for (ds, bb, init, precision, m), g in groups.items():
         by_seed: dict[Any, list[dict]] = defaultdict(list)
         for r in g:
             by_seed[r.get("rd_seed")].append(r)
         entry: dict[str, Any] = {
-            "dataset": ds, "backbone": bb, "init": init, "method": m,
+            "dataset": ds, "backbone": bb, "init": init, "precision": precision, "method": m,
             "family": _first(r.get("family") for r in g), "weights_tag": _first(r.get("weights_tag") for r in g),
             "n_categories": len({r["category"] for r in g}), "n_seeds": len(by_seed),
             "seeds": sorted(by_seed, key=lambda s: (s is None, s)),
             "categories": _uniq(r["category"] for r in g),
         }
-        for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        for metric in ("image_auroc", "pixel_auroc", "aupro", "max_in_mask"):
             per_seed = [mean_or_none(r.get(metric) for r in sr) for sr in by_seed.values()]
             per_seed = [v for v in per_seed if v is not None]
             entry[f"{metric}_per_seed"] = per_seed
@@ -483,8 +510,9 @@ def ranking(rows: list[dict]) -> list[dict]:
 
 
 def config_label(e: dict) -> str:
-    """``backbone (init) + Method``."""
-    return f"{e['backbone']} ({e['init']}) + {method_name(e['method'])}"
+    """``backbone (init) + Method``, with the precision after the init where it is not fp32."""
+    precision = "" if precision_of(e) == "fp32" else f", {precision_of(e)}"
+    return f"{e['backbone']} ({e['init']}{precision}) + {method_name(e['method'])}"
 
 
 def mean_std(e: dict, metric: str, pm: str = "±") -> str:
@@ -504,7 +532,8 @@ def vs_best(e: dict) -> str:
     return f"{'≈ ' if e.get('indistinguishable_from_best') else ''}p={p:.2g}"
 
 
-RANKING_HEAD = ["#", "backbone", "init", "method", "image AUROC", "95 % CI", "vs best", "pixel AUROC", "AUPRO", "seeds",
+RANKING_HEAD = ["#", "backbone", "init", "precision", "method", "image AUROC", "95 % CI", "vs best", "pixel AUROC",
+                "AUPRO", "max-in-mask", "localisation", "seeds",
                 "backbone ms b1 (min)", "method ms (min)", "total ms (min)", "total ms (median)", "method MB",
                 "params", "FLOPs"]
 
@@ -516,19 +545,36 @@ def interval(e: dict, key: str) -> str:
 
 
 def ranking_cells(e: dict, pm: str = "±") -> list[str]:
-    return [str(e["rank"]), str(e["backbone"]), str(e["init"]), method_name(e["method"]),
-            mean_std(e, "image_auroc", pm), interval(e, "image_auroc"), vs_best(e), mean_std(e, "pixel_auroc", pm), mean_std(e, "aupro", pm),
-            str(e["n_seeds"]), fmt(e.get("backbone_ms_b1_min") if e.get("backbone_ms_b1_min") is not None
-                                   else e.get("backbone_ms_b1")),
+    return [str(e["rank"]), str(e["backbone"]), str(e["init"]), precision_of(e), method_name(e["method"]),
+            mean_std(e, "image_auroc", pm), interval(e, "image_auroc"), vs_best(e), mean_std(e, "pixel_auroc", pm),
+            mean_std(e, "aupro", pm), pct(e.get("max_in_mask_mean")), localisation_cell(e), str(e["n_seeds"]),
+            fmt(e.get("backbone_ms_b1_min") if e.get("backbone_ms_b1_min") is not None else e.get("backbone_ms_b1")),
             fmt(e.get("predict_ms_min") if e.get("predict_ms_min") is not None else e.get("predict_ms")),
             fmt(e["total_ms_b1"]), fmt(e.get("total_ms_b1_median")), fmt(e.get("memory_mb"), 0),
             fmt_big(e["params"]), fmt_big(e["flops"])]
 
 
-def ranking_note(entries: list[dict]) -> str:
-    """What the ranking's numbers are, stated from the data actually present."""
-    parts = ["Ranked by mean image ROC-AUC (%): per Rd seed the mean over categories, then mean ± sample std "
-             "(ddof=1) over seeds."]
+def localisation_cell(e: dict) -> str:
+    """``best``, ``ok`` (AUPRO and pixel AUROC not significantly below the best's), ``below: aupro`` or ``–``."""
+    loc = e.get("localisation")
+    if loc == "below":
+        return "below: " + ", ".join(m.replace("_", " ") for m in e.get("localisation_below", []))
+    return loc or MISSING
+
+
+def ranking_note(entries: list[dict], mode: str = "image") -> str:
+    """What the ranking's numbers are, stated from the data actually present (``mode``: the ranking criterion)."""
+    if mode == "localisation":
+        parts = ["Ranked on localisation (masks exist): configurations whose AUPRO or pixel ROC-AUC is "
+                 "significantly below the best's ('localisation' = below; paired bootstrap over test images, "
+                 "Holm, 5 %) come last; within each group by mean image ROC-AUC (%), then AUPRO. Per Rd seed the "
+                 "mean over categories, then mean ± sample std (ddof=1) over seeds."]
+    else:
+        parts = ["Ranked by mean image ROC-AUC (%): per Rd seed the mean over categories, then mean ± sample std "
+                 "(ddof=1) over seeds."]
+    if any(e.get("max_in_mask_mean") is not None for e in entries):
+        parts.append("max-in-mask: share of defective test images whose map maximum lies in the ground truth or "
+                     "within 4 px of it.")
     if entries and not any(e.get("pixel_level") for e in entries):
         parts.append("This dataset has no pixel ground truth (image-level): pixel ROC-AUC and AUPRO are absent and "
                      "the ranking uses image ROC-AUC only.")
@@ -551,29 +597,39 @@ def ranking_note(entries: list[dict]) -> str:
     return " ".join(parts)
 
 
-def ranking_markdown(entries: list[dict], dataset: str) -> str:
+def ranking_markdown(entries: list[dict], dataset: str, mode: str = "image", baselines: list[dict] | None = None,
+                     warning: str | None = None) -> str:
     lines = [
-        f"**Ranking on {md_escape(dataset)}**. {ranking_note(entries)}",
+        f"**Ranking on {md_escape(dataset)}**. {ranking_note(entries, mode)}{baseline_note(baselines)}",
         "",
         "| " + " | ".join(RANKING_HEAD) + " |",
-        "|" + "|".join(["---:", "---", "---", "---"] + ["---:"] * (len(RANKING_HEAD) - 4)) + "|",
+        "|" + "|".join(["---:", "---", "---", "---", "---"] + ["---:"] * (len(RANKING_HEAD) - 5)) + "|",
     ]
     for e in entries:
         lines.append("| " + " | ".join(md_escape(c) for c in ranking_cells(e)) + " |")
+    for b in baselines or ():
+        lines.append("| " + " | ".join(md_escape(c) for c in baseline_cells(b)) + " |")
+    if warning:
+        lines += ["", f"**{md_escape(warning)}**"]
     return "\n".join(lines) + "\n"
 
 
-def ranking_latex(entries: list[dict], dataset: str) -> str:
+def ranking_latex(entries: list[dict], dataset: str, mode: str = "image", baselines: list[dict] | None = None) -> str:
     out = [
         r"% needs \usepackage{booktabs} and \usepackage{graphicx}", r"\begin{table}[htbp]", r"\centering",
-        r"\caption{" + latex_escape(f"Ranking on {dataset}. {ranking_note(entries)}") + "}",
+        r"\caption{" + latex_escape(f"Ranking on {dataset}. {ranking_note(entries, mode)}"
+                                    f"{baseline_note(baselines)}") + "}",
         r"\label{tab:ranking-" + slug(dataset).replace("_", "-") + "}",
         r"\resizebox{\textwidth}{!}{%",
-        r"\begin{tabular}{rlll" + "r" * (len(RANKING_HEAD) - 4) + "}", r"\toprule",
+        r"\begin{tabular}{rllll" + "r" * (len(RANKING_HEAD) - 5) + "}", r"\toprule",
         " & ".join(latex_escape(h) for h in RANKING_HEAD) + r" \\", r"\midrule",
     ]
     for e in entries:
         out.append(" & ".join(latex_escape(c) for c in ranking_cells(e)) + r" \\")
+    if baselines:
+        out.append(r"\midrule")
+    for b in baselines or ():
+        out.append(" & ".join(latex_escape(c) for c in baseline_cells(b)) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
@@ -585,3 +641,77 @@ def ranking_csv(entries: list[dict]) -> str:
     for e in entries:
         w.writerow(["" if e.get(c) is None else e.get(c) for c in RANKING_CSV_COLUMNS])
     return buf.getvalue()
+
+
+# -- trivial baselines (the shortcut check) ------------------------------------------------------------------------
+BASELINE_CSV_COLUMNS = ["dataset", "category", "baseline", "protocol", "image_height", "image_width", "n_train",
+                        "n_test", "image_auroc", "image_auroc_lo", "image_auroc_hi"]
+
+
+def baseline_rows_for(baseline_rows: list[dict], rows: list[dict]) -> list[dict]:
+    """The stored baselines of the categories and input (protocol, size) of the result ``rows`` (one per
+    category, baseline and input; the latest where stored twice)."""
+    inputs = {(r["category"], r.get("protocol"), r.get("image_height"), r.get("image_width")) for r in rows}
+    keep: dict[tuple, dict] = {}
+    for b in baseline_rows:
+        if (b["category"], b.get("protocol"), b.get("image_height"), b.get("image_width")) in inputs:
+            keep[(b["category"], b["baseline"], b.get("protocol"), b.get("image_height"), b.get("image_width"))] = b
+    return list(keep.values())
+
+
+def baseline_entries(baseline_rows: list[dict], dataset: str) -> list[dict]:
+    """One reference entry per baseline: image AUROC per category and its mean over categories, with the 95 %
+    interval of the mean (``mean_interval`` of the per-category DeLong intervals); best first."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for b in baseline_rows:
+        groups[b["baseline"]].append(b)
+    out = []
+    for name, g in groups.items():
+        vals = [b.get("image_auroc") for b in g]
+        lo, hi = mean_interval(vals, [b.get("image_auroc_lo") for b in g], [b.get("image_auroc_hi") for b in g])
+        out.append({"dataset": dataset, "baseline": name, "n_categories": len(g), "image_auroc_mean":
+                    mean_or_none(vals), "image_auroc_lo": lo, "image_auroc_hi": hi,
+                    "per_category": {b["category"]: num(b.get("image_auroc")) for b in g}})
+    return sorted(out, key=lambda e: -(e["image_auroc_mean"] or 0))
+
+
+def baseline_cells(b: dict) -> list[str]:
+    """A reference row of the ranking: rank 'ref', the baseline's name, image AUROC and interval; the rest empty."""
+    return ["ref", f"trivial: {b['baseline']}", "–", "–", "no CNN", pct(b["image_auroc_mean"]),
+            interval(b, "image_auroc"), *[MISSING] * (len(RANKING_HEAD) - 7)]
+
+
+def baseline_note(baselines: list[dict] | None) -> str:
+    if not baselines:
+        return ""
+    return (" Rows 'ref': trivial baselines (no CNN, same split and preprocessing: raw pixels at 32 px nearest "
+            "neighbour, grey-level mean/std, colour histogram), image ROC-AUC with its 95 % DeLong interval; a "
+            "baseline close to the top means the image-level figures measure global appearance.")
+
+
+def baseline_csv(baseline_rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(BASELINE_CSV_COLUMNS)
+    for b in baseline_rows:
+        w.writerow(["" if b.get(c) is None else b.get(c) for c in BASELINE_CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def add_baselines(tables: list[FamilyTable], baselines: dict[str, list[dict]]) -> None:
+    """Give each family table the best trivial baseline per row (category, or the mean over a mean row's
+    categories) as a reference column."""
+    for t in tables:
+        entries = baselines.get(t.dataset) or []
+        if not entries:
+            continue
+        for r in t.rows:
+            members = t.members.get(r.label, []) if r.is_mean else [r.label]
+            best = None
+            for e in entries:
+                vals = [e["per_category"].get(c) for c in members]
+                if members and all(v is not None for v in vals):
+                    v = float(np.mean(vals))
+                    if best is None or v > best[1]:
+                        best = (e["baseline"], v)
+            t.reference[r.label] = best
