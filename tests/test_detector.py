@@ -3,7 +3,7 @@ images, ONNX equal to torch, offline-pretrained backbone, fit_command."""
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -175,13 +175,14 @@ def test_predict_continues_past_a_corrupt_image(data, padim, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["predict", str(padim[1]), str(folder), "--out", str(out), "--no-progress"])
     assert "broken.png" in res.output
-    rows = (out / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "path,score,verdict" and len(rows) == 5
-    verdicts = {Path(r.split(",")[0]).name: r.split(",")[2] for r in rows[1:]}
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "score", "verdict", "ms", "reason"] and len(rows) == 5
+    verdicts = {Path(r[0]).name: r[2] for r in rows[1:]}
     assert verdicts["broken.png"] == "unreadable"
     assert res.exit_code == 1  # an unreadable image counts as a failed image
     scores, _ = padim[0].predict(sorted(p for p in folder.iterdir() if p.name != "broken.png"))
-    csv_scores = [float(r.split(",")[1]) for r in rows[1:] if not r.endswith("unreadable")]
+    csv_scores = [float(r[1]) for r in rows[1:] if r[2] != "unreadable"]
     np.testing.assert_allclose(csv_scores, scores, rtol=1e-5)
     readable = [p for p in sorted(folder.iterdir()) if p.name != "broken.png"]
     assert all((out / f"{p.stem}_overlay.png").is_file() and (out / f"{p.stem}_mask.png").is_file()

@@ -3,8 +3,9 @@
 A saved detector is one folder:
 
 - ``detector.json``: registry row, layer names, init, preprocessing protocol and size, mean/std, method and its
-  settings, thresholds with their hold-out record, package versions, SHA-256 per backbone tensor and of the method's
-  ``model.json``;
+  settings, thresholds with their hold-out record, the training images' size range (``input_sizes``; absent in
+  folders written before it), the backbone's ``precision`` (absent = fp32), package versions, SHA-256 per backbone
+  tensor and of the method's ``model.json``;
 - ``detector.safetensors``: the truncated backbone's weights when they are not a named pretrained tag the loader can
   find again (empty otherwise); its header holds the SHA-256 of ``detector.json``, so editing either is detected;
 - ``method/``: the method's own ``model.safetensors`` + ``model.json`` (``AnomalyMethod.save``).
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,22 @@ ImageInput = str | Path | np.ndarray
 
 class DetectorError(ValueError):
     """Bad detector input or model folder; the one-line message names the offending file or value."""
+
+
+class DetectorWarning(UserWarning):
+    """Inputs the detector was not fitted for (other sizes or aspect), images without a score, a large model."""
+
+
+@dataclass
+class Inspection:
+    """``Detector.inspect``'s answer: scores (N,) float64 and maps (N, H, W) float32 (NaN for invalid images),
+    ``invalid`` (index -> reason: non-finite features or output) and each input's size (H, W) before preprocessing
+    (None for an already preprocessed tensor)."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    invalid: dict[int, str] = field(default_factory=dict)
+    sizes: list[tuple[int, int] | None] = field(default_factory=list)
 
 
 def is_named_tag(init: str) -> bool:
@@ -70,13 +89,50 @@ def as_size(size: Any) -> int | tuple[int, int]:
     return int(size)
 
 
+def read_image(item: ImageInput) -> np.ndarray:
+    """A path (decoded to float RGB) or a float (H, W, 3) array in [0, 1], before preprocessing."""
+    from adspine.data.images import load_rgb
+
+    return load_rgb(Path(item)) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.float32)
+
+
 def load_image(item: ImageInput, protocol: str, size: int | tuple[int, int]) -> torch.Tensor:
     """A path or a float (H, W, 3) array in [0, 1] -> the model's input (3, H, W) (``adspine.data.mvtec.preprocess``)."""
-    from adspine.data.images import load_rgb
     from adspine.data.transforms import preprocess
 
-    image = load_rgb(Path(item)) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.float32)
-    return preprocess(image, None, protocol, size)[0]
+    return preprocess(read_image(item), None, protocol, size)[0]
+
+
+def size_range(sizes: Sequence[tuple[int, int]]) -> dict[str, Any] | None:
+    """The training images' size range: count, min/max height and width, min/max aspect (width / height)."""
+    if not sizes:
+        return None
+    hs, ws = [h for h, _ in sizes], [w for _, w in sizes]
+    aspects = [w / h for h, w in sizes]
+    return {"count": len(sizes), "height": [min(hs), max(hs)], "width": [min(ws), max(ws)],
+            "aspect": [min(aspects), max(aspects)]}
+
+
+ASPECT_TOLERANCE = 0.01  # relative: a rounding of the width or height is not another aspect
+
+
+def size_mismatch(record: dict[str, Any] | None, sizes: Sequence[tuple[int, int] | None]) -> str | None:
+    """One line counting the inputs outside the training size range (height or width) or aspect range, or None."""
+    known = [s for s in sizes if s is not None]
+    if record is None or not known:
+        return None
+    (h0, h1), (w0, w1), (a0, a1) = record["height"], record["width"], record["aspect"]
+    off_size = sum(not (h0 <= h <= h1 and w0 <= w <= w1) for h, w in known)
+    off_aspect = sum(not (a0 * (1 - ASPECT_TOLERANCE) <= w / h <= a1 * (1 + ASPECT_TOLERANCE)) for h, w in known)
+    if not off_size and not off_aspect:
+        return None
+    fitted = (f"{_span(h0, h1)} x {_span(w0, w1)} px (H x W), aspect W/H {_span(round(a0, 3), round(a1, 3))}")
+    return (f"{off_size} of {len(known)} image(s) outside the training sizes and {off_aspect} outside their aspect "
+            f"(fitted on {fitted}); scores of other images are not comparable with the threshold")
+
+
+def _span(lo: Any, hi: Any) -> str:
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 class Detector:
@@ -84,17 +140,22 @@ class Detector:
 
     ``fit(images)`` holds out ``max(min_holdout, ceil(holdout * N))`` normal images (seed ``holdout_seed``), fits
     on the rest and sets the image and pixel thresholds on the held-out ones (``fpr`` None: their maximum, else the
-    ``1 - fpr`` quantile). ``predict(images) -> (scores (N,), maps (N, H, W))``; ``flag(scores)`` applies the
-    threshold (score > threshold). ``settings`` are the method's constructor arguments.
+    ``1 - fpr`` quantile). ``predict(images) -> (scores (N,), maps (N, H, W))``; ``inspect(images)`` adds which
+    images got no score and why, and their sizes; ``flag(scores)`` applies the threshold (``threshold.above``).
+    ``settings`` are the method's constructor arguments. ``precision`` (fp32 or bf16) is the backbone's
+    (``FeatureExtractor.set_precision``); the method always gets float32 features. The thresholds are set at the
+    fitted precision; ``set_precision`` runs a loaded detector in another one.
     """
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", init: str = "imagenet",
                  layers: str | Sequence[str] = "thesis", method: str = "padim", *, init_seed: int = 0,
                  protocol: str = "resize", image_size: int | tuple[int, int] | str = 224,
                  holdout: float = th.DEFAULT_HOLDOUT, min_holdout: int = th.MIN_HOLDOUT, holdout_seed: int = 0,
-                 fpr: float | None = None, batch_size: int = 8, device: str = "cpu", **settings: Any) -> None:
+                 fpr: float | None = None, batch_size: int = 8, device: str = "cpu", precision: str = "fp32",
+                 **settings: Any) -> None:
         from adspine.methods import get_method_class
 
+        self.precision = torch_precision(precision)
         self.backbone, self.init, self.init_seed = backbone, init, int(init_seed)
         self.protocol, self.image_size = protocol, as_size(image_size)
         self.holdout, self.min_holdout, self.holdout_seed = float(holdout), int(min_holdout), int(holdout_seed)
@@ -117,25 +178,42 @@ class Detector:
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
         self.holdout_record: dict[str, Any] | None = None
+        self.input_sizes: dict[str, Any] | None = None
 
     def _build_extractor(self, layers: str | Sequence[str], init: str | None = None):
         from adspine.backbones import build_extractor
 
         try:
             return build_extractor(self.backbone, init=init or self.init, layers=layers, device=self.device,
-                                   init_seed=self.init_seed)
+                                   init_seed=self.init_seed, precision=self.precision)
         except (ValueError, KeyError) as e:  # InitError, LayerError, unknown backbone
             raise DetectorError(str(e).strip("'\"")) from None
 
+    def set_precision(self, precision: str) -> "Detector":
+        """Run the backbone in ``precision`` from now on (fp32 or bf16; the thresholds stay those fitted)."""
+        self.precision = torch_precision(precision)
+        self.extractor.set_precision(self.precision)
+        return self
+
     # -- images -> features ------------------------------------------------------------------------------------
-    def _inputs(self, images: Iterable[ImageInput] | torch.Tensor) -> Iterator[torch.Tensor]:
-        """Batches (B, 3, H, W) of model inputs from paths, arrays or an already preprocessed tensor."""
+    def _inputs(self, images: Iterable[ImageInput] | torch.Tensor,
+                sizes: list[tuple[int, int] | None] | None = None) -> Iterator[torch.Tensor]:
+        """Batches (B, 3, H, W) of model inputs from paths, arrays or an already preprocessed tensor; each input's
+        size before preprocessing is appended to ``sizes`` (None for a tensor)."""
+        from adspine.data.transforms import preprocess
+
         if isinstance(images, torch.Tensor):
-            yield from images.split(self.batch_size)
+            for x in images.split(self.batch_size):
+                if sizes is not None:
+                    sizes.extend([None] * len(x))
+                yield x
             return
         batch: list[torch.Tensor] = []
         for item in images:
-            batch.append(load_image(item, self.protocol, self.image_size))
+            raw = read_image(item)
+            if sizes is not None:
+                sizes.append((int(raw.shape[0]), int(raw.shape[1])))
+            batch.append(preprocess(raw, None, self.protocol, self.image_size)[0])
             if len(batch) == self.batch_size:
                 yield torch.stack(batch)
                 batch = []
@@ -151,15 +229,40 @@ class Detector:
 
     # -- estimator ---------------------------------------------------------------------------------------------
     def fit(self, images: str | Path | Sequence[ImageInput]) -> "Detector":
-        """Fit on normal images (a folder, or paths / float (H, W, 3) arrays) and set thresholds on a held-out share."""
+        """Fit on normal images (a folder, a manifest CSV, or paths / float (H, W, 3) arrays) and set thresholds on
+        a held-out share. An image with non-finite features is a ``DetectorError`` naming it. Warns
+        (``DetectorWarning``) when the estimated model size is above ``sizing.LIMIT_BYTES``."""
+        from adspine.detector import sizing
+        from adspine.methods.base import nonfinite_feature_images
+
         items, names = _listing(images)
         try:
             fit_idx, held_idx = th.holdout_split(len(items), self.holdout, self.min_holdout, self.holdout_seed)
         except ValueError as e:
             raise DetectorError(str(e)) from None
-        batches = (self._features(x) for x in self._inputs(items[i] for i in fit_idx))
-        self.method.fit(batches, layers=self.layer_records(self._input_size()))
-        scores, maps = self.predict([items[i] for i in held_idx])
+        records = self.layer_records(self._input_size())
+        _, too_big = sizing.describe(self.method.name, self.estimate_bytes(len(fit_idx)))
+        if too_big:
+            warnings.warn(too_big, DetectorWarning, stacklevel=2)
+        sizes: list[tuple[int, int] | None] = []
+
+        def checked() -> Iterator[list[torch.Tensor]]:
+            for x in self._inputs([items[i] for i in fit_idx], sizes):
+                feats = self._features(x)
+                bad = nonfinite_feature_images(feats, records or [])
+                if bad:
+                    i, reason = next(iter(bad.items()))
+                    k = fit_idx[len(sizes) - len(x) + i]
+                    raise DetectorError(f"{_item_name(items[k], k)}: {reason}")
+                yield feats
+
+        self.method.fit(checked(), layers=records)
+        held = self.inspect([items[i] for i in held_idx])
+        if held.invalid:
+            i, reason = next(iter(held.invalid.items()))
+            raise DetectorError(f"{_item_name(items[held_idx[i]], held_idx[i])}: {reason} (held-out image)")
+        scores, maps = held.scores, held.maps
+        self.input_sizes = size_range([s for s in sizes + held.sizes if s is not None])
         self.threshold = th.pick_threshold(scores, self.fpr)
         self.pixel_threshold = th.pick_threshold(maps, self.fpr)
         self.holdout_record = {
@@ -173,27 +276,49 @@ class Detector:
         s = self.image_size
         return (s, s) if isinstance(s, int) else s
 
-    def predict(self, images: Iterable[ImageInput] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) float64 and anomaly maps (N, H, W) float32 at the model's input size."""
-        scores, maps = [], []
-        for x in self._inputs(images):
+    def estimate_bytes(self, n_fit: int) -> int | None:
+        """Estimated size of the fitted method's tensors for ``n_fit`` training images (``sizing.model_bytes``)."""
+        from adspine.detector import sizing
+
+        records = self.layer_records(self._input_size())
+        return None if records is None else sizing.model_bytes(self.method.name, self.method.settings(), records,
+                                                               n_fit)
+
+    def inspect(self, images: Iterable[ImageInput] | torch.Tensor) -> Inspection:
+        """Scores, maps, the images that got no score (index -> reason) and the input sizes; images never affect
+        each other's scores (``AnomalyMethod.predict``)."""
+        scores, maps, invalid, sizes = [], [], {}, []
+        for x in self._inputs(images, sizes):
             pred = self.method.predict(self._features(x), tuple(int(s) for s in x.shape[-2:]))
+            invalid.update({len(sizes) - len(x) + i: reason for i, reason in pred.invalid.items()})
             scores.append(pred.scores)
             maps.append(pred.maps)
         if not scores:
             raise DetectorError("predict() got no image")
-        return np.concatenate(scores), np.concatenate(maps)
+        return Inspection(np.concatenate(scores), np.concatenate(maps), invalid, sizes)
+
+    def predict(self, images: Iterable[ImageInput] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) float64 and anomaly maps (N, H, W) float32 at the model's input size; NaN for an image
+        that got no score. Warns (``DetectorWarning``) about such images and about inputs outside the training
+        images' size or aspect range."""
+        res = self.inspect(images)
+        for i, reason in res.invalid.items():
+            warnings.warn(f"image {i}: invalid, {reason}", DetectorWarning, stacklevel=2)
+        mismatch = size_mismatch(self.input_sizes, res.sizes)
+        if mismatch:
+            warnings.warn(mismatch, DetectorWarning, stacklevel=2)
+        return res.scores, res.maps
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
-        """True where a score exceeds the image threshold."""
+        """True where a score exceeds the image threshold (``threshold.above``), or is NaN (an invalid image)."""
         if self.threshold is None:
             raise DetectorError("the detector has no threshold; fit() or load() it first")
-        return np.asarray(scores) > self.threshold
+        return th.above(scores, self.threshold)
 
     def flag_pixels(self, maps: np.ndarray) -> np.ndarray:
         if self.pixel_threshold is None:
             raise DetectorError("the detector has no pixel threshold; fit() or load() it first")
-        return np.asarray(maps) > self.pixel_threshold
+        return th.above(maps, self.pixel_threshold)
 
     # -- persistence -------------------------------------------------------------------------------------------
     def backbone_state(self) -> dict[str, torch.Tensor]:
@@ -206,7 +331,7 @@ class Detector:
                 "method": self.method.name, "settings": self.method.settings(), "protocol": self.protocol,
                 "image_size": self.image_size if isinstance(self.image_size, int) else list(self.image_size),
                 "holdout": self.holdout, "min_holdout": self.min_holdout, "holdout_seed": self.holdout_seed,
-                "fpr": self.fpr}
+                "fpr": self.fpr, "precision": self.precision}
 
     def save(self, folder: str | Path) -> Path:
         """Write the detector folder (see the module docstring); returns it."""
@@ -234,7 +359,7 @@ class Detector:
                                      "sha256": tensor_digest(v)} for k, v in state.items()},
             "method_meta_sha256": meta_digest(read_meta(method_dir / META_FILE)),
             "threshold": self.threshold, "pixel_threshold": self.pixel_threshold, "holdout_record": self.holdout_record,
-            "versions": library_versions(),
+            "input_sizes": self.input_sizes, "versions": library_versions(),
         }
         (folder / JSON_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         save_file(stored, str(folder / TENSORS_FILE), metadata={HEADER_KEY: json_digest(doc)})
@@ -288,6 +413,7 @@ class Detector:
         det.protocol, det.image_size = doc["protocol"], as_size(doc["image_size"])
         det.holdout, det.min_holdout, det.holdout_seed = doc["holdout"], doc["min_holdout"], doc["holdout_seed"]
         det.fpr, det.batch_size, det.device = doc["fpr"], 8, "cpu"
+        det.precision = torch_precision(doc.get("precision", "fp32"))  # absent in folders saved before precision
         if doc["backbone_weights"] == "named tag":
             det.extractor = det._build_extractor(doc["layers"])
             state, where = det.backbone_state(), det.extractor.info.get("weights_file") or doc["init"]
@@ -305,11 +431,25 @@ class Detector:
         det.layers, det.method = list(det.extractor.layer_names), method
         det.threshold, det.pixel_threshold = float(doc["threshold"]), float(doc["pixel_threshold"])
         det.holdout_record = doc["holdout_record"]
+        det.input_sizes = doc.get("input_sizes")  # None in folders saved before the size range was recorded
         return det
 
     def __repr__(self) -> str:
         return (f"Detector(backbone={self.backbone!r}, init={self.init!r}, method={self.method.name!r}, "
                 f"layers={self.layers}, threshold={self.threshold})")
+
+
+def torch_precision(precision: Any) -> str:
+    """``precision`` if torch runs it (fp32, bf16), else one ``DetectorError`` line (int8 goes through OpenVINO)."""
+    from adspine.backbones.precision import TORCH_PRECISIONS, PrecisionError, check_precision, int8_problem
+
+    try:
+        if check_precision(precision) in TORCH_PRECISIONS:
+            return precision
+    except PrecisionError as e:
+        raise DetectorError(str(e)) from None
+    raise DetectorError(int8_problem() or "int8 detectors run in OpenVINO: fit in fp32, then adspine export MODEL "
+                        "--format openvino --precision int8 (calibrated on normal training images)")
 
 
 def _listing(images: str | Path | Sequence[ImageInput]) -> tuple[list[ImageInput], list[str]]:
@@ -322,6 +462,10 @@ def _listing(images: str | Path | Sequence[ImageInput]) -> tuple[list[ImageInput
         items = list(images)
     names = [Path(x).name if isinstance(x, (str, Path)) else f"#{i}" for i, x in enumerate(items)]
     return items, names
+
+
+def _item_name(item: ImageInput, index: int) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"image #{index}"
 
 
 def _registry_row(name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adspine.detector import threshold as th
 from adspine.detector.detector import Detector, DetectorError, as_size, load_image
 from adspine.methods.postprocess import gaussian_blur
 
@@ -139,13 +140,13 @@ def metadata(detector: Detector) -> dict:
     return {"backbone": detector.backbone, "init": detector.init, "method": detector.method.name,
             "layers": detector.layers, "protocol": detector.protocol,
             "image_size": detector.config()["image_size"], "threshold": detector.threshold,
-            "pixel_threshold": detector.pixel_threshold}
+            "pixel_threshold": detector.pixel_threshold, "input_sizes": detector.input_sizes}
 
 
 def export_onnx(detector: Detector, path: str | Path, check: bool = True, seed: int = 0) -> dict:
     """Write ``path`` (.onnx) and, with ``check``, compare onnxruntime with the torch path on two seeded random
     images; returns ``{"path", "max_abs_diff", "relative_diff", "score_relative_diff"}``. A relative map difference
-    above ``TOLERANCE`` is a ``DetectorError``."""
+    above ``TOLERANCE`` is a ``DetectorError``. The graph is fp32 also for a bf16 detector."""
     import onnx
 
     path = Path(path)
@@ -164,7 +165,11 @@ def export_onnx(detector: Detector, path: str | Path, check: bool = True, seed: 
     onnx.save(model, str(path))
     result = {"path": str(path)}
     if check:
-        ref_scores, ref_maps = detector.predict(x)
+        fitted = detector.precision
+        try:  # the graph is fp32 whatever the detector's precision: compare it with the fp32 torch path
+            ref_scores, ref_maps = detector.set_precision("fp32").predict(x)
+        finally:
+            detector.set_precision(fitted)
         scores, maps = OnnxDetector(path).run(x.numpy())
         diff = float(np.abs(maps - ref_maps).max())
         result.update(max_abs_diff=diff, relative_diff=diff / max(float(np.abs(ref_maps).max()), 1e-12),
@@ -192,9 +197,14 @@ class OnnxDetector:
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
             raise DetectorError(f"{path}: not an adspine ONNX detector ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        self.set_metadata(path, meta)
+
+    def set_metadata(self, path: Path, meta: dict) -> None:
+        """The exported file's facts (preprocessing, thresholds, names) as attributes (shared with OpenVINO)."""
         self.path, self.meta = path, meta
         self.protocol, self.image_size = meta["protocol"], as_size(meta["image_size"])
         self.threshold, self.pixel_threshold = meta["threshold"], meta["pixel_threshold"]
+        self.input_sizes = meta.get("input_sizes")  # absent in files exported before it was recorded
         self.backbone, self.method_name = meta["backbone"], meta["method"]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +225,7 @@ class OnnxDetector:
         return np.concatenate(scores), np.concatenate(maps)
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) > self.threshold
+        return th.above(scores, self.threshold)
 
     def flag_pixels(self, maps: np.ndarray) -> np.ndarray:
-        return np.asarray(maps) > self.pixel_threshold
+        return th.above(maps, self.pixel_threshold)

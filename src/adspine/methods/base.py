@@ -19,7 +19,7 @@ import inspect
 import json
 import platform
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,10 +80,19 @@ class MethodInfo:
 
 @dataclass
 class Prediction:
-    """Per-image anomaly maps ``(B, H, W)`` float32 and image scores ``(B,)`` float64."""
+    """Per-image anomaly maps ``(B, H, W)`` float32 and image scores ``(B,)`` float64; ``invalid`` maps the batch
+    index of each image that got no score (non-finite features or output; its map and score are NaN) to the reason."""
 
     maps: np.ndarray
     scores: np.ndarray
+    invalid: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(B,) bool: True where the image has a finite score and map."""
+        ok = np.ones(len(self.scores), dtype=bool)
+        ok[list(self.invalid)] = False
+        return ok
 
 
 def library_versions() -> dict[str, str]:
@@ -196,11 +205,31 @@ class AnomalyMethod:
         return self
 
     def predict(self, features: Sequence[torch.Tensor], image_size: tuple[int, int] | int) -> Prediction:
-        """Anomaly maps at ``image_size`` (H, W) and image scores for one batch of test features."""
+        """Anomaly maps at ``image_size`` (H, W) and image scores for one batch of test features.
+
+        Images whose features hold NaN or inf never reach ``_predict``: each is replaced by a copy of a finite image
+        of the batch (the batch keeps its shape, so the other images' scores stay bit-identical to a clean batch:
+        BLAS kernels and convolutions differ in the last digits between batch sizes), and it comes back with NaN
+        score and map and its reason in ``Prediction.invalid``; so does an image whose score or map is non-finite."""
         self.check_fitted()
         self.check_maps(features)
         size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-        return self._predict(features, size)
+        invalid = nonfinite_feature_images(features, self.feature_layers_)
+        if not invalid:
+            pred = self._predict(features, size)
+        elif len(invalid) == int(features[0].shape[0]):
+            b = len(invalid)
+            return Prediction(np.full((b, *size), np.nan, np.float32), np.full(b, np.nan), invalid)
+        else:
+            donor = next(i for i in range(int(features[0].shape[0])) if i not in invalid)
+            bad = torch.tensor(sorted(invalid))
+            patched = []
+            for m in features:
+                m = m.clone()
+                m[bad] = m[donor].clone()
+                patched.append(m)
+            pred = self._predict(patched, size)
+        return _mark_invalid(pred, invalid)
 
     def check_maps(self, maps: Sequence[torch.Tensor]) -> None:
         """Each map must match its layer record: same count, (B, C, h, w) with the recorded C and grid."""
@@ -319,6 +348,33 @@ class AnomalyMethod:
             raise ModelFileError(f"{meta_path}: cannot rebuild the {klass.name} model ({e})") from None
         model.provenance = meta.get("provenance", {})
         return model
+
+
+def nonfinite_feature_images(features: Sequence[torch.Tensor], layers: Sequence[LayerInfo]) -> dict[int, str]:
+    """Batch index -> reason for each image with a NaN or inf feature value in any layer."""
+    bad: dict[int, list[str]] = {}
+    for rec, m in zip(layers, features):
+        finite = torch.isfinite(m.detach()).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            for i in torch.nonzero(~finite).flatten().tolist():
+                bad.setdefault(int(i), []).append(rec.name)
+    return {i: f"non-finite feature values (NaN/inf) in layer(s) {', '.join(names)}" for i, names in bad.items()}
+
+
+def _mark_invalid(pred: Prediction, invalid: dict[int, str]) -> Prediction:
+    """``pred`` with NaN score and map for ``invalid`` images and for any image whose own output is non-finite."""
+    maps = np.asarray(pred.maps, dtype=np.float32)
+    scores = np.asarray(pred.scores, dtype=np.float64)
+    out = dict(invalid)
+    finite_out = np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+    for i in np.flatnonzero(~finite_out).tolist():
+        out.setdefault(int(i), "the method's score or map is not finite (NaN/inf)")
+    if not out:
+        return Prediction(maps, scores)
+    idx = sorted(out)
+    maps, scores = maps.copy(), scores.copy()
+    maps[idx], scores[idx] = np.nan, np.nan
+    return Prediction(maps, scores, dict(sorted(out.items())))
 
 
 #: model.json fields that change predictions; their SHA-256 is kept in the safetensors header
