@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adspine.backbones.init import InitError, build_model, construct
+from adspine.backbones.precision import DEFAULT_PRECISION, TORCH_PRECISIONS, PrecisionError, check_precision
 from adspine.backbones.registry import BackboneSpec, get_spec
 from adspine.backbones.weights import preflight
 from adspine.features import DEFAULT_RD_SEED, LayerInfo, fuse, rd_indices
@@ -216,6 +217,10 @@ class FeatureExtractor(nn.Module):
     ``layers``: one ``LayerInfo`` per output (name, channels, measured stride, grid at the probe size), shallow to
     deep; ``layer_names``, ``channels`` and ``strides`` are read from them, ``layer_info(size)`` gives the grids for
     any input size.
+
+    ``precision`` (``fp32`` or ``bf16``; ``set_precision`` changes it): bf16 runs the network under
+    ``torch.autocast(bfloat16)`` with weights and input in channels_last; every returned map is float32 in the
+    default contiguous layout either way (one conversion at the boundary).
     """
 
     def __init__(self, body: TruncatedNet, layers: Sequence[LayerInfo], mean: Sequence[float], std: Sequence[float],
@@ -233,6 +238,7 @@ class FeatureExtractor(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.default_d = default_d
         self.info = info
+        self.precision = DEFAULT_PRECISION
 
     @property
     def layer_names(self) -> list[str]:
@@ -268,6 +274,15 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             return torch.func.functional_call(self.body, state, (x,))
 
+    def set_precision(self, precision: str) -> FeatureExtractor:
+        """Run the network in ``precision`` (``fp32`` or ``bf16``) from now on; recorded in ``info``."""
+        if check_precision(precision) not in TORCH_PRECISIONS:
+            raise PrecisionError(f"precision {precision!r} is not run by torch here; use "
+                                 f"adspine.backbones.openvino_backend for it")
+        self.body.to(memory_format=torch.channels_last if precision == "bf16" else torch.contiguous_format)
+        self.precision = self.info["precision"] = precision
+        return self
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Always stays in eval mode (frozen BatchNorm statistics)."""
         return super().train(False)
@@ -279,8 +294,12 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
         with torch.inference_mode():
             x = (images.to(self._mean.device, torch.float32) - self._mean) / self._std
-            out = self.body(x)
-            return [out[n] for n in self.layer_names]
+            if self.precision == "fp32":
+                out = self.body(x)
+                return [out[n] for n in self.layer_names]
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                out = self.body(x.contiguous(memory_format=torch.channels_last))
+            return [out[n].to(torch.float32, memory_format=torch.contiguous_format) for n in self.layer_names]
 
     def embed(self, images: torch.Tensor, d: int | None | str = "default", rd_seed: int = DEFAULT_RD_SEED,
               mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -305,16 +324,21 @@ class FeatureExtractor(nn.Module):
 
 
 def build_extractor(name: str, init: str = "imagenet", layers: str | Sequence[str] = "thesis", device: str = "cpu",
-                    *, init_seed: int = 0, zero_init_last: bool = False) -> FeatureExtractor:
-    """Build the ``FeatureExtractor`` of registry row ``name`` (see ``init.build_model`` for ``init``)."""
+                    *, init_seed: int = 0, zero_init_last: bool = False, precision: str = DEFAULT_PRECISION
+                    ) -> FeatureExtractor:
+    """Build the ``FeatureExtractor`` of registry row ``name`` (see ``init.build_model`` for ``init``) running in
+    ``precision`` (``fp32`` or ``bf16``; int8 is ``openvino_backend``'s)."""
     spec = get_spec(name)
+    if check_precision(precision) not in TORCH_PRECISIONS:
+        raise PrecisionError(f"precision {precision!r} is not run by torch; build an fp32 extractor and convert it "
+                             f"with adspine.backbones.openvino_backend")
     if torch.device(device).type == "meta":
         raise InitError("device 'meta' holds no weights; use backbones.probe() for shapes")
     preflight(spec, init, zero_init_last)  # a missing weights file fails here, before any build
     outputs = probe(spec)
     names = resolve_layers(spec, layers, outputs)
     model, record = build_model(spec, init, init_seed=init_seed, zero_init_last=zero_init_last)
-    return from_model(spec, model, names, outputs, record.as_dict(), device)
+    return from_model(spec, model, names, outputs, record.as_dict(), device).set_precision(precision)
 
 
 def from_model(spec: BackboneSpec, model: nn.Module, names: Sequence[str], outputs: dict[str, ModuleOutput],
@@ -322,7 +346,7 @@ def from_model(spec: BackboneSpec, model: nn.Module, names: Sequence[str], outpu
     """Wrap an initialised full ``model`` of ``spec``: truncate after ``names`` and attach provenance."""
     body = truncate(model, names)
     info = {"backbone": spec.name, "family": spec.family, "source": spec.source, "constructor": spec.constructor,
-            **record, "layers": list(names), "probe_size": PROBE_SIZE}
+            **record, "layers": list(names), "probe_size": PROBE_SIZE, "precision": DEFAULT_PRECISION}
     layers = [LayerInfo(n, outputs[n].shape[1], outputs[n].stride, (outputs[n].shape[2], outputs[n].shape[3]))
               for n in names]
     return FeatureExtractor(body, layers, spec.mean, spec.std, spec.d, info).to(device)
