@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from adspine.clitools import fail
+from adspine.clitools import TableFormat, fail, print_table
 from adspine.data.errors import DatasetError
 
 app = typer.Typer(
@@ -88,7 +88,7 @@ def magnetic_tile(
     n_test_good: Annotated[int | None, typer.Option(help="test/good count (default: all MT_Free not in train).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier conversion in --out.")] = False,
 ) -> None:
-    """Convert the magnetic tile dataset into one MVTec-format category `magnetic_tile` (+ split.json)."""
+    """Convert the magnetic tile dataset into one MVTec-format category 'magnetic_tile' (+ split.json)."""
     import json
 
     from adspine.data.magnetic_tile import SPLIT_FILE, convert
@@ -107,6 +107,8 @@ def summary(
     format: Annotated[str, typer.Option("--format", help="auto, mvtec, visa, folder or manifest.")] = "auto",
     mask_pattern: Annotated[str | None, typer.Option(help="Mask file name, e.g. '{stem}.png' (mvtec, folder).")] = None,
     quick: Annotated[bool, typer.Option(help="Skip decoding every image (headers only).")] = False,
+    output_format: Annotated[TableFormat, typer.Option(help="table (never cut to a width when piped), plain "
+                                                        "(tab-separated lines), csv or json.")] = TableFormat.table,
 ) -> None:
     """Per category: counts per split and defect type, masks (yes / no / partial), image sizes, skipped broken links
     (validates the dataset)."""
@@ -115,23 +117,21 @@ def summary(
     rows = summarize(root, verify=not quick, format=format, mask_pattern=mask_pattern)
     name = dataset_name(root)
     fmt = rows[0]["format"] if rows else format
-    table = Table(title=f"{escape(str(root))} ({fmt}" + (f", {escape(name)})" if name else ")"), show_edge=False)
-    columns = ("category", "kind", "train", "test\ngood", "test\ndefective", "defect types", "masks",
-               "image size\n(WxH)")
-    for column in columns:
+    columns = []
+    for column in ("category", "kind", "train", "test\ngood", "test\ndefective", "defect types", "masks",
+                   "image size\n(WxH)"):
         numeric = column.startswith(("train", "test"))
         wrap = column.startswith("image")
-        table.add_column(
-            column, justify="right" if numeric else "left", no_wrap=not wrap, min_width=9 if wrap else None
-        )
-    for row in rows:
-        defects = "\n".join(f"{d} {n}" for d, n in row["defects"].items())
-        table.add_row(row["category"], row["kind"] or "-", str(row["train"]), str(row["test_good"]),
-                      str(row["test_defective"]), escape(defects), row["masks"], size_text(row))
-    console.print(table)
+        columns.append((column, {"justify": "right" if numeric else "left", "no_wrap": not wrap,
+                                 "min_width": 9 if wrap else None}))
+    cells = [[row["category"], row["kind"] or "-", row["train"], row["test_good"], row["test_defective"],
+              "\n".join(f"{d} {n}" for d, n in row["defects"].items()), row["masks"], size_text(row)] for row in rows]
+    print_table(columns, cells, fmt=output_format, title=f"{root} ({fmt}" + (f", {name})" if name else ")"),
+                console=console, show_edge=False)
+    notes = console if output_format is TableFormat.table else err_console
     for row in rows:
         if row["skipped"]:
-            console.print(f"{row['category']}: skipped {row['skipped']} broken or looping link(s)")
+            notes.print(f"{escape(row['category'])}: skipped {row['skipped']} broken or looping link(s)")
 
 
 @app.command("masks-from-labelme")
@@ -139,18 +139,52 @@ def summary(
 def masks_from_labelme(
     src: Annotated[Path, typer.Argument(help="A folder of LabelMe .json files (searched recursively) or one file.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the masks and labels.csv (absent or empty).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of the photos (searched by file name, "
+                                                "recursively) when imagePath does not lead to them.")] = None,
 ) -> None:
-    """Rasterise LabelMe polygons, rectangles and circles into 0/255 PNG masks; prints the counts."""
+    """Rasterise LabelMe polygons, rectangles and circles into 0/255 PNG masks; prints the counts. Every image must
+    exist (imagePath relative to its JSON, else by name in --images) and have the annotated size."""
     from adspine.data.labelme import LABELS_FILE
     from adspine.data.labelme import masks_from_labelme as convert
 
-    counts = convert(src, out)
+    counts = convert(src, out, images)
     shapes = ", ".join(f"{k} {v}" for k, v in counts["shapes"].items()) or "none"
     defects = ", ".join(f"{k} {v}" for k, v in counts["defects"].items()) or "none"
     console.print(f"{counts['files']} files: {counts['defective']} defective with masks, {counts['good']} good "
                   f"(empty masks), {counts['image_level']} defective without shapes (image level)")
     console.print(f"shapes: {shapes}; defects: {defects}")
     console.print(f"wrote masks and {LABELS_FILE} to {escape(str(out))}")
+
+
+@app.command()
+@one_line_errors
+def split(
+    source: Annotated[Path, typer.Argument(help="A CSV (path, label[, mask, defect]), a folder with good/ and one "
+                                           "folder per defect type, or a folder of LabelMe .json files.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (absent or empty): <name>.csv, "
+                                      "<name>.split.json, LabelMe masks.")],
+    images: Annotated[Path | None, typer.Option("--images", help="LabelMe: the photos folder (default SOURCE); "
+                                                "photos without a JSON are normal.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Manifest name = category (default: the --out "
+                                             "folder's name).")] = None,
+    train: Annotated[str, typer.Option("--train", help="Normal images for train: count or fraction.")] = "0.8",
+    test_good: Annotated[str | None, typer.Option("--test-good", help="Normal images for test: count or fraction "
+                                                  "(default: all that train leaves).")] = None,
+    test_defective: Annotated[str, typer.Option("--test-defective", help="Defective images for test: count or "
+                                                "fraction, stratified by defect type.")] = "1.0",
+    seed: Annotated[int, typer.Option(help="Seed of the draw (recorded in <name>.split.json).")] = 0,
+) -> None:
+    """Draw a seeded train / test split of a labelled pool into a manifest CSV (defective images only in test);
+    'adspine data convert' writes it in any layout."""
+    from adspine.data.split import split_pool
+
+    record = split_pool(source, out, images, name, train, test_good, test_defective, seed)
+    counts = record["counts"]
+    defects = ", ".join(f"{k} {v}" for k, v in counts["test_defective"].items())
+    console.print(f"train {counts['train']}, test good {counts['test_good']}, test defective "
+                  f"{sum(counts['test_defective'].values())} ({escape(defects)}), unused {counts['unused']} "
+                  f"(seed {seed})")
+    console.print(f"wrote {escape(record['manifest'])}")
 
 
 @app.command()
@@ -167,3 +201,32 @@ def convert(
 
     root = export_layout(src, category, out, format, src_format)
     console.print(f"wrote {escape(category)} as {format} to {escape(str(root))}")
+
+
+@app.command()
+@one_line_errors
+def baselines(
+    root: Annotated[Path, typer.Argument(help="Dataset root (folder, or the CSV of a manifest).")],
+    category: Annotated[list[str] | None, typer.Option(help="Only this category (repeatable).")] = None,
+    format: Annotated[str, typer.Option("--format", help="auto, mvtec, visa, folder or manifest.")] = "auto",
+    mask_pattern: Annotated[str | None, typer.Option(help="Mask file name, e.g. '{stem}.png' (mvtec, folder).")] = None,
+    protocol: Annotated[str, typer.Option(help="Preprocessing as in the study: paper, resize, aspect-crop.")] = "paper",
+    size: Annotated[int, typer.Option(help="Model input side in pixels, as in the study.")] = 224,
+) -> None:
+    """Trivial baselines per category, no CNN (raw pixels at 32 px nearest neighbour, grey-level mean/std, colour
+    histogram): image AUROC with its 95 % DeLong interval. One close to what a backbone reaches means the image-level
+    figures measure global appearance (the shortcut check)."""
+    from adspine.baselines import category_baselines
+    from adspine.data import list_categories, scan
+
+    cats = category or list_categories(root, format)
+    table = Table(title=f"{escape(str(root))}: trivial baselines ({protocol}, {size} px)", show_edge=False)
+    for column in ("category", "baseline", "image AUROC %", "95 % CI"):
+        table.add_column(column, justify="right" if column[0] in "i9" else "left")
+    for cat in cats:
+        data = scan(root, cat, format=format, masks="optional", mask_pattern=mask_pattern)
+        for r in category_baselines(data, protocol, size):
+            ci = "–" if r["image_auroc_lo"] is None else \
+                f"[{100 * r['image_auroc_lo']:.1f}, {100 * r['image_auroc_hi']:.1f}]"
+            table.add_row(escape(cat), r["baseline"], f"{100 * r['image_auroc']:.1f}", ci)
+    console.print(table)
