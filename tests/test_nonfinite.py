@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from adspine.data.synth import generate
+from study_fixtures import tiny_fabric
 from adspine.detector import threshold as th
 from adspine.detector.cli import app
 from adspine.detector.detector import Detector, DetectorWarning
@@ -37,9 +38,7 @@ def _features(n: int, seed: int) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=12, n_test_good=3, n_per_defect=2, size=SIZE, categories=["fabric"])
-    return root / "fabric"
+    return tiny_fabric(tmp_path_factory.mktemp("synth"), SIZE)
 
 
 @pytest.fixture(scope="module")

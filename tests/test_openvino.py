@@ -18,7 +18,7 @@ pytest.importorskip("nncf")
 
 from adspine.backbones import build_extractor  # noqa: E402
 from adspine.backbones.openvino_backend import build_openvino_extractor, calibration_set  # noqa: E402
-from adspine.data.synth import generate  # noqa: E402
+from study_fixtures import tiny_fabric  # noqa: E402
 from adspine.detector.cli import app  # noqa: E402
 from adspine.detector.detector import Detector, DetectorError  # noqa: E402
 from adspine.detector.onnx_export import TOLERANCE  # noqa: E402
@@ -44,9 +44,7 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=12, n_test_good=3, n_per_defect=2, size=SIZE, categories=["fabric"])
-    return root / "fabric"
+    return tiny_fabric(tmp_path_factory.mktemp("synth"), SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -259,6 +259,11 @@ def test_study_runs_one_job_per_precision_and_stores_it(tmp_path, synth):
     assert e["precision"] == "bf16" and e["image_auroc_delta"] == pytest.approx(auc["bf16"] - auc["fp32"])
     assert e["speedup"] == pytest.approx(by["fp32"]["backbone_ms_b1_min"] / by["bf16"]["backbone_ms_b1_min"])
     assert 0 <= e["p_holm_min"] <= 1 and "| bf16 |" in precision_markdown([e])
+    from adspine.report.build import build_report
+
+    page = build_report(db, tmp_path / "report").read_text()
+    assert '<section id="precision">' in page and 'href="#precision"' in page
+    assert "<td>bf16</td>" in page.split('<section id="precision">')[1].split("</section>")[0]
 
 
 def _result(precision: str, category: str, labels, scores) -> dict:
@@ -288,6 +293,57 @@ def test_precision_view_pairs_with_fp32_and_tests_each_category():
     assert precision_comparison(rows[2:]) == []  # no fp32 twin: nothing to compare
 
 
+def _holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment written out (the reference for the report's)."""
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def _pixel_row(precision: str, category: str, values, boot, seed: int = 0) -> dict:
+    labels = np.repeat([0, 1], 10)
+    return {**_result(precision, category, labels, labels + np.linspace(0, 0.5, 20)), "pixel_auroc": values[0],
+            "aupro": values[1], "pixel_boot": np.asarray(boot, dtype=np.float32), "pixel_boot_seed": seed,
+            "pixel_auroc_lo": values[0] - 0.05, "pixel_auroc_hi": values[0] + 0.05, "aupro_lo": values[1] - 0.05,
+            "aupro_hi": values[1] + 0.05}
+
+
+def test_precision_view_tests_pixel_auroc_and_aupro_on_paired_replicates():
+    from scipy.stats import norm
+
+    from adspine.report.precision import precision_cells, precision_comparison
+
+    rng = np.random.default_rng(1)
+    shared = 0.9 + 0.02 * rng.normal(size=(50, 2))  # the resamples both precisions share
+    boot = {"a32": shared, "a16": shared + 0.002 * rng.normal(size=(50, 2)),
+            "b32": shared, "b16": shared + 0.002 * rng.normal(size=(50, 2)) - [0.0, 0.03]}
+    rows = [_pixel_row("fp32", "a", (0.90, 0.80), boot["a32"]), _pixel_row("bf16", "a", (0.901, 0.801), boot["a16"]),
+            _pixel_row("fp32", "b", (0.90, 0.80), boot["b32"]), _pixel_row("bf16", "b", (0.899, 0.77), boot["b16"])]
+    (e,) = precision_comparison(rows)
+    for col, metric in enumerate(("pixel_auroc", "aupro")):
+        raw = []
+        for cat, d in (("a", (0.901, 0.801)), ("b", (0.899, 0.77))):
+            diff = d[col] - 0.80 - 0.10 * (col == 0)
+            sd = np.std(boot[f"{cat}16"][:, col].astype(np.float32) - boot[f"{cat}32"][:, col].astype(np.float32),
+                        ddof=1)
+            raw.append(2 * norm.sf(abs(diff) / sd))
+        want = dict(zip("ab", _holm(raw)))
+        assert e[f"{metric}_p_holm"] == pytest.approx(want, rel=1e-6)
+        assert e[f"{metric}_basis"] == ["paired bootstrap"]
+    # a 3-point AUPRO drop against replicate noise of 0.3 points is significant; the pixel AUROC changes are not
+    assert e["aupro_p_holm"]["b"] < 0.05 < e["pixel_auroc_p_holm_min"] and e["differs"] == ["AUPRO"]
+    cells = precision_cells(e)
+    assert cells[9].startswith("-1.45 (p ") and cells[10] == "differs: AUPRO"  # mean of +0.1 and -3.0
+    # replicates of different bootstrap seeds do not pair: the unpaired test from the stored intervals, marked so
+    rows[1]["pixel_boot_seed"] = rows[3]["pixel_boot_seed"] = 7
+    (e,) = precision_comparison(rows)
+    assert e["aupro_basis"] == ["unpaired intervals"] and "unpaired" in precision_cells(e)[9]
+    assert e["differs"] == [] and precision_cells(e)[10] == "same"
+
+
 def test_study_int8_job_runs_through_openvino(tmp_path, synth):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
@@ -302,3 +358,19 @@ def test_study_int8_job_runs_through_openvino(tmp_path, synth):
     assert row["precision"] == "int8" and row["image_auroc"] is not None and row["flops"] > 0
     backbone = json.loads(row["provenance"])["backbone"]
     assert backbone["precision"] == "int8" and backbone["openvino"]["calibration"]["count"] == 10
+
+
+def test_precision_speedup_comes_from_the_final_round_robin_timing_when_both_twins_have_one():
+    from adspine.report.precision import use_final_timings
+
+    key = {"dataset": "d", "backbone": "resnet18", "init": "random", "method": "padim"}
+    view = [{**key, "precision": "bf16", "backbone_ms_b1_min": 30.0, "backbone_ms_b1_min_fp32": 10.0,
+             "speedup": 1 / 3, "speed_basis": "separate jobs"},
+            {**key, "init": "imagenet", "precision": "bf16", "backbone_ms_b1_min": 4.0,
+             "backbone_ms_b1_min_fp32": 8.0, "speedup": 2.0, "speed_basis": "separate jobs"}]
+    entries = [{**key, "precision": "bf16", "final_ms_b1": 6.0}, {**key, "precision": "fp32", "final_ms_b1": 15.0},
+               {**key, "init": "imagenet", "precision": "bf16", "final_ms_b1": 1.0},  # its fp32 twin has none
+               {**key, "init": "imagenet", "precision": "fp32", "final_ms_b1": None}]
+    use_final_timings(view, entries)
+    assert view[0]["speedup"] == pytest.approx(15.0 / 6.0) and view[0]["speed_basis"] == "final round-robin"
+    assert (view[1]["speedup"], view[1]["speed_basis"]) == (2.0, "separate jobs")

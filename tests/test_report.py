@@ -22,6 +22,7 @@ from adspine.report.plots import pareto_front
 from adspine.report.recommend import recommend
 from adspine.report.tables import ranking
 from adspine.study.store import ResultStore
+from study_fixtures import holm_reference
 
 CATS = {"carpet": "texture", "bottle": "object"}
 BACKBONES = {  # name: (family, ImageNet top-1, relative cost)
@@ -213,14 +214,6 @@ def test_significance_marks_match_reference(report):
         var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
         return d, var
 
-    def holm(p):
-        order = np.argsort(p)
-        adj, run = np.empty(len(p)), 0.0
-        for k, i in enumerate(order):
-            run = max(run, min(1.0, (len(p) - k) * p[i]))
-            adj[i] = run
-        return adj
-
     first = {}
     for r in sorted(rows, key=lambda r: r["rd_seed"] or 0):
         first.setdefault((r["backbone"], r["init"], r["method"], r["category"]), r)
@@ -235,7 +228,7 @@ def test_significance_marks_match_reference(report):
         z = np.mean(ds) / (np.sqrt(np.sum(vs)) / len(CATS))
         keys.append(k)
         ps.append(2 * norm.sf(abs(z)))
-    adj = dict(zip(keys, holm(np.array(ps))))
+    adj = dict(zip(keys, holm_reference(np.array(ps))))
     for t in table[1:]:
         k = (t["backbone"], t["init"], t["method"])
         assert float(t["vs_best_p_holm"]) == pytest.approx(adj[k], rel=1e-4, abs=1e-9)
@@ -255,7 +248,7 @@ def test_significance_marks_match_reference(report):
         d, v = delong(first[(*cbest, "carpet")]["test_labels"].astype(int), first[(*cbest, "carpet")]["test_scores"],
                       first[(*k, "carpet")]["test_scores"])
         raw.append(2 * norm.sf(abs(d) / np.sqrt(v)))
-    ref = dict(zip(keys, holm(np.array(raw))))
+    ref = dict(zip(keys, holm_reference(np.array(raw))))
     for r in sig:
         k = (r["backbone"], r["init"], r["method"])
         if k == cbest:

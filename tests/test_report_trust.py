@@ -17,20 +17,12 @@ from adspine.report.cli import register
 from adspine.report.recommend import SHORTCUT, recommend
 from adspine.report.tables import ranking
 from adspine.study.store import ResultStore
+from study_fixtures import holm_reference
 
 CATS = ("c1", "c2")
 N_BOOT = 200
 # name: (image separation, pixel AUROC, AUPRO, latency ms); A = the case: best image AUROC, poor maps
 CONFIGS = {"A": (3.0, 0.76, 0.21, 5.0), "B": (1.5, 0.99, 0.80, 20.0), "C": (1.2, 0.988, 0.79, 10.0)}
-
-
-def _holm(p):
-    order = np.argsort(p)
-    adj, run = np.empty(len(p)), 0.0
-    for k, i in enumerate(order):
-        run = max(run, min(1.0, (len(p) - k) * p[i]))
-        adj[i] = run
-    return adj
 
 
 def _store(path, spec_yaml="name: t\n", baselines=True, replicates=True):
@@ -93,7 +85,7 @@ def test_localisation_criterion_never_recommends_poor_maps(tmp_path):
                         - first[(f"net{k}", c)]["pixel_boot"][:, col], ddof=1) for c in CATS]
             ps.append(2 * norm.sf(abs(np.mean(d)) / (np.sqrt(np.sum(v)) / len(CATS))))
             diffs.append(np.mean(d))
-        for k, p in zip(others, _holm(np.array(ps))):
+        for k, p in zip(others, holm_reference(np.array(ps))):
             assert float(by[f"net{k}"][f"{metric}_vs_best_p"]) == pytest.approx(p, rel=1e-4, abs=1e-12)
     assert by["netA"]["localisation"] == "below" and by["netC"]["localisation"] == "ok"
     assert by["netB"]["localisation"] == "best"

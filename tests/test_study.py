@@ -18,8 +18,8 @@ from adspine.study import job as jobmod
 from adspine.study.plan import PlanError, expand, plan
 from adspine.study.spec import SpecError, load_spec
 from adspine.study.store import ResultStore
+from study_fixtures import two_category_root
 
-CATS = ["fabric", "nut"]
 RD_SEEDS = [1, 2]
 
 
@@ -30,11 +30,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
-    from adspine.data.synth import generate
-
-    root = tmp_path_factory.mktemp("synth") / "data"
-    generate(root, seed=3, size=64, n_train=6, n_test_good=3, n_per_defect=1, categories=CATS)
-    return root
+    return two_category_root(tmp_path_factory.mktemp("synth"))
 
 
 def tiny_spec(root: Path, group_inits=("random",), **over) -> dict:

@@ -6,27 +6,15 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from adspine.cli import app
+from study_fixtures import tiny_study_spec
 
 
 @pytest.fixture()
 def spec(tmp_path) -> Path:
-    from adspine.data.synth import generate
-
-    generate(tmp_path / "data", seed=4, size=64, n_train=4, n_test_good=2, n_per_defect=1, categories=["fabric"])
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "messages", "datasets": [{"root": str(tmp_path / "data"), "categories": "all"}],
-        "backbones": [{"names": ["resnet18"], "inits": ["random"]}],
-        "methods": [{"name": "padim", "settings": {"d": 20}}],
-        "rd_seeds": [1], "protocol": "resize", "image_size": 64, "threads": 1, "batch_size": 4,
-        "timing": {"warmup": 0, "repeats": 1, "batch_n": 2}, "examples": {"count": 1, "size": 16},
-        "uncertainty": {"n_boot": 0},
-    }))
-    return path
+    return tiny_study_spec(tmp_path, "messages")
 
 
 def test_large_images_are_one_line_each(spec, tmp_path, monkeypatch):

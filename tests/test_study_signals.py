@@ -11,29 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from adspine.cli import app
 from adspine.study.store import ResultStore
+from study_fixtures import tiny_study_spec
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> Path:
-    from adspine.data.synth import generate
-
-    tmp = tmp_path_factory.mktemp("signals")
-    generate(tmp / "data", seed=4, size=64, n_train=6, n_test_good=3, n_per_defect=1, categories=["fabric"])
-    path = tmp / "spec.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "signals", "datasets": [{"root": str(tmp / "data"), "categories": "all"}],
-        "backbones": [{"names": ["resnet18"], "inits": ["random"]}],
-        "methods": [{"name": "padim", "settings": {"d": 20}}],
-        "rd_seeds": [1], "protocol": "resize", "image_size": 64, "threads": 1, "batch_size": 4,
-        "timing": {"warmup": 0, "repeats": 1, "batch_n": 2}, "examples": {"count": 1, "size": 16},
-        "uncertainty": {"n_boot": 0},
-    }))
-    return path
+    return tiny_study_spec(tmp_path_factory.mktemp("signals"), "signals", n_train=6, n_test_good=3)
 
 
 STUCK_IN_A_JOB = """

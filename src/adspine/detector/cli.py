@@ -119,6 +119,10 @@ def fit(
         console.print(f"{line}, {len(fit_idx)} training image(s)", highlight=False)
         if too_big:
             err_console.print(f"[yellow]warning:[/yellow] {escape(too_big)}", highlight=False)
+        from adspine.backbones.precision import precision_note
+
+        if note := precision_note(det.precision):
+            err_console.print(f"note: {escape(note)}", highlight=False)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DetectorWarning)  # the size warning is printed above

@@ -58,8 +58,9 @@ def _versions(jobs: list[dict]) -> list[str]:
     return out
 
 
-def _meta(db: Path, rows: list[dict], jobs: list[dict], specs: dict[str, str]) -> dict:
-    """Provenance shown at the top: spec YAML, versions, machines, threads, load while timing."""
+def _meta(db: Path, rows: list[dict], jobs: list[dict], specs: dict[str, str], final: list[dict] = ()) -> dict:
+    """Provenance shown at the top: spec YAML, versions, machines, threads, load while timing (per job and during
+    the final round-robin re-timing of each study's latest run)."""
     from adspine.report.tables import fmt
 
     by_status: dict[str, int] = {}
@@ -71,6 +72,13 @@ def _meta(db: Path, rows: list[dict], jobs: list[dict], specs: dict[str, str]) -
     load = (f"1-minute load average while timing: min {fmt(loads[0], 2)}, median {fmt(loads[len(loads) // 2], 2)}, "
             f"max {fmt(loads[-1], 2)} over {len(loads)} jobs" if loads else
             "load average while timing: not recorded in this store")
+    latest = {(f.get("study"), f.get("timed_at")): f for f in final}  # one row per study run
+    latest = {study: f for (study, _), f in latest.items()}
+    for study, f in latest.items():
+        around = "?" if f.get("load_before") is None else f"{fmt(f['load_before'], 2)} -> {fmt(f.get('load_after'), 2)}"
+        load += (f"; final round-robin re-timing of '{study}' ({f.get('timed_at')}): {f.get('configurations')} "
+                 f"backbone configuration(s), {f.get('repeats')} rounds, 1-minute load {around} on {f.get('cores')} "
+                 "usable core(s)")
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
     return {
@@ -188,9 +196,11 @@ def _build(store, db: Path, out: Path, budget_ms: float | None, rank_by: str | N
     specs = store.study_specs()
     rank_by = rank_by or _spec_rank_by(specs) or "auto"
 
-    ranks = ranking(rows)
+    final = store.final_timings()
+    ranks = ranking(rows, final)
     by_ds = {ds: [e for e in ranks if e["dataset"] == ds] for ds in datasets(rows)}
     sig, modes, refs, shortcut = {}, {}, {}, {}
+    precision_views: dict[str, list[dict]] = {}  # per dataset: bf16 / int8 configurations against fp32
     for ds, entries in by_ds.items():
         ds_rows = [r for r in rows if str(r.get("dataset") or "dataset") == ds]
         sig[ds] = sig_mod.compare_to_best(ds_rows, entries)
@@ -206,9 +216,11 @@ def _build(store, db: Path, out: Path, budget_ms: float | None, rank_by: str | N
                   _write(stem.with_suffix(".csv"), ranking_csv(entries))]
         if base_rows:
             files.append(_write(out / "tables" / f"baselines_{slug(ds)}.csv", baseline_csv(base_rows)))
-        from adspine.report.precision import precision_comparison, precision_markdown
+        from adspine.report.precision import precision_comparison, precision_markdown, use_final_timings
 
-        precision_md = precision_markdown(precision_comparison(ds_rows))
+        precision_views[ds] = precision_comparison(ds_rows)
+        use_final_timings(precision_views[ds], entries)
+        precision_md = precision_markdown(precision_views[ds])
         if precision_md:  # some configuration ran in bf16 / int8 beside fp32
             files.append(_write(out / "tables" / f"precision_{slug(ds)}.md", precision_md))
         if sig[ds].per_category:
@@ -255,13 +267,14 @@ def _build(store, db: Path, out: Path, budget_ms: float | None, rank_by: str | N
                         _csv([[r.get(c) for c in res_cols] for r in failed_methods], res_cols)))
 
     ctx = {
-        "meta": _meta(db, rows, jobs, specs),
+        "meta": _meta(db, rows, jobs, specs, final),
         "datasets": list(by_ds),
         "ranking": by_ds,
         "significance": sig,
         "rank_mode": modes,
         "baselines": refs,
         "shortcut": shortcut,
+        "precision": precision_views,
         "plots": plots,
         "family_tables": fams,
         "recommendations": recs,

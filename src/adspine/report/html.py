@@ -154,6 +154,9 @@ def render(ctx: dict) -> str:
     nav = [("recommendation", "Recommendation"), ("ranking", "Ranking"), ("plots", "Plots"),
            ("families", "Family tables"), ("examples", "Examples"), ("failed", "Failed jobs"),
            ("provenance", "Spec and machine"), ("notes", "Notes")]
+    precision_views = {ds: v for ds, v in ctx.get("precision", {}).items() if v}  # bf16 / int8 beside fp32
+    if precision_views:
+        nav.insert(2, ("precision", "Precision"))
     meta = ctx["meta"]
     parts.append(
         "<header><h1>adspine backbone study report</h1>"
@@ -173,7 +176,8 @@ def render(ctx: dict) -> str:
         if rec.fit_command:
             sec.append(f"<p>Build it:</p><pre>{escape(rec.fit_command)}</pre>")
     sec.append('<p class="muted">Latency = backbone forward ms/img at batch 1 + method predict ms/img, each the '
-               "minimum over short repeats and over the jobs that timed it, where stored. Quality = mean over "
+               "minimum over short repeats and over the jobs that timed it, where stored; the backbone part from the "
+               "final round-robin re-timing at the end of the study where it ran. Quality = mean over "
                "categories (mean over Rd seeds); each recommendation states its criterion (--rank-by).</p></section>")
     parts.append("".join(sec))
 
@@ -196,6 +200,12 @@ def render(ctx: dict) -> str:
                        "Holm over the configurations of each category; ≈ = not distinguishable from the best at "
                        "5 %.</p>" + significance_html(entries, sig))
     parts.append("".join(sec) + "</section>")
+
+    if precision_views:
+        from adspine.report.precision import precision_html
+
+        parts.append('<section id="precision"><h2>Backbone precision against fp32</h2>' + "".join(
+            f"<h3>{escape(ds)}</h3>{precision_html(v)}" for ds, v in precision_views.items()) + "</section>")
 
     sec = ['<section id="plots"><h2>Plots</h2>']
     for ds in ctx["datasets"]:

@@ -259,7 +259,7 @@ def dataset_plots(entries: list[dict], dataset: str, folder: Path, prefix: str) 
     basis = next((e.get("latency_basis") for e in entries if e.get("latency_basis")), "median")
     r = quality_vs(entries, "total_ms_b1", f"latency on {device}: backbone (batch 1) + method, ms/img ({basis})",
                    f"{dataset}: quality vs latency", folder / f"{prefix}_quality_vs_latency.png",
-                   xspread_key="total_ms_b1_median" if basis.startswith("minimum") else None)
+                   xspread_key="total_ms_b1_median" if basis.startswith(("minimum", "final")) else None)
     if r:
         out["quality vs latency"] = {"path": r[0], "front": r[1], "wide": False}
     mem = next((e.get("memory_basis") for e in entries if e.get("memory_basis")), "process peak")

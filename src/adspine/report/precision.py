@@ -1,15 +1,20 @@
 """Precision view: every configuration run in bf16 or int8 beside its fp32 twin (same dataset, backbone, init,
 method), with the quality change, a paired test and the backbone's speed-up.
 
-Pairs are results of the same category and Rd seed on the same test images (equal stored labels). The test is the
-paired DeLong test of image AUROC per category (``metrics.uncertainty.delong_paired`` on the stored test scores),
-Holm-adjusted over the configuration's categories; ``worse`` = some category significantly below fp32 at 5 %.
+Pairs are results of the same category and Rd seed on the same test images (equal stored labels). Image AUROC: the
+paired DeLong test per category (``metrics.uncertainty.delong_paired`` on the stored test scores); pixel AUROC and
+AUPRO: a z-test of the difference per category, its variance from the paired bootstrap replicates
+(``significance._category_difference``: same seed and test images; else from the two stored 95 % intervals). Each
+metric's p is Holm-adjusted over the configuration's categories; ``worse`` = some category's image AUROC
+significantly below fp32 at 5 %, ``differs`` = the metrics with some category significantly different (either way).
 Latency is the backbone's batch-1 minimum (``backbone_ms_b1_min``, pooled over jobs as in the ranking).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from html import escape
 from typing import Any
 
 import numpy as np
@@ -19,11 +24,25 @@ from adspine.report.tables import (MISSING, _ds, fmt, is_done, md_escape, mean_o
 
 ALPHA = 0.05
 HEAD = ["backbone", "init", "method", "precision", "categories", "image AUROC", "vs fp32", "p (Holm, min)",
-        "pixel AUROC vs fp32", "AUPRO vs fp32", "backbone ms b1 (min)", "fp32 ms", "speed-up"]
+        "pixel AUROC vs fp32 (p)", "AUPRO vs fp32 (p)", "at 5 %", "backbone ms b1 (min)", "fp32 ms", "speed-up"]
+PIXEL_METRICS = ("pixel_auroc", "aupro")
 
 
 def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
+
+
+def _pixel_p(ref: dict, r: dict, metric: str) -> tuple[float, str] | None:
+    """Two-sided p of ``r``'s ``metric`` against its fp32 twin ``ref`` on one category, and the test's basis."""
+    from adspine.report.significance import _category_difference
+
+    found = _category_difference(r, ref, metric)
+    if found is None:
+        return None
+    diff, var, basis = found
+    if var <= 0:
+        return (1.0 if diff == 0 else 0.0), basis
+    return math.erfc(abs(diff) / math.sqrt(2 * var)), basis
 
 
 def precision_comparison(rows: list[dict]) -> list[dict[str, Any]]:
@@ -61,6 +80,16 @@ def precision_comparison(rows: list[dict]) -> list[dict[str, Any]]:
                                      "p_holm": adjusted, "p_holm_min": min(adjusted.values()) if adjusted else None,
                                      "worse": any(p <= ALPHA and first_seed[c][1]["image_auroc"]
                                                   < first_seed[c][0]["image_auroc"] for c, p in adjusted.items())}
+            differs = ["image AUROC"] if any(p <= ALPHA for p in adjusted.values()) else []
+            for metric in PIXEL_METRICS:
+                tests = {c: t for c, (ref, r) in first_seed.items() if (t := _pixel_p(ref, r, metric))}
+                held = dict(zip(tests, holm([p for p, _ in tests.values()]))) if tests else {}
+                entry[f"{metric}_p_holm"] = held
+                entry[f"{metric}_p_holm_min"] = min(held.values()) if held else None
+                entry[f"{metric}_basis"] = sorted({b for _, b in tests.values()})
+                if any(p <= ALPHA for p in held.values()):
+                    differs.append({"pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}[metric])
+            entry["differs"] = differs
             for metric in ("image_auroc", "pixel_auroc", "aupro"):
                 entry[metric] = mean_or_none(r.get(metric) for _, r in pairs)
                 entry[f"{metric}_fp32"] = mean_or_none(ref.get(metric) for ref, _ in pairs)
@@ -69,12 +98,39 @@ def precision_comparison(rows: list[dict]) -> list[dict[str, Any]]:
             entry["backbone_ms_b1_min_fp32"] = min_or_none(ref.get("backbone_ms_b1_min") for ref, _ in pairs)
             ms, ms32 = entry["backbone_ms_b1_min"], entry["backbone_ms_b1_min_fp32"]
             entry["speedup"] = ms32 / ms if ms and ms32 else None
+            entry["speed_basis"] = "separate jobs"
             out.append(entry)
     return out
 
 
+def use_final_timings(view: list[dict], entries: list[dict]) -> None:
+    """Take the backbone figures of ``view`` from the ranking ``entries``' final round-robin timing (both the
+    precision and its fp32 twin timed in the same interleaved rounds) where the store has it for both."""
+    final = {(e["dataset"], e["backbone"], e["init"], e["method"], str(e.get("precision") or "fp32")):
+             e.get("final_ms_b1") for e in entries}
+    for v in view:
+        key = (v["dataset"], v["backbone"], v["init"], v["method"])
+        ms, ms32 = final.get((*key, v["precision"])), final.get((*key, "fp32"))
+        if ms and ms32:
+            v.update(backbone_ms_b1_min=ms, backbone_ms_b1_min_fp32=ms32, speedup=ms32 / ms,
+                     speed_basis="final round-robin")
+
+
 def _signed_pct(v: float | None) -> str:
-    return MISSING if v is None else f"{100 * v:+.1f}"
+    return MISSING if v is None else f"{100 * v:+.2f}"  # two decimals: bf16 changes are often below 0.1 point
+
+
+def _delta_p(e: dict, metric: str) -> str:
+    p = e.get(f"{metric}_p_holm_min")
+    basis = ", unpaired" if "unpaired intervals" in e.get(f"{metric}_basis", ()) else ""
+    return _signed_pct(e.get(f"{metric}_delta")) + ("" if p is None else f" (p {p:.2g}{basis})")
+
+
+def _verdict(e: dict) -> str:
+    tested = e.get("p_holm_min") is not None or any(e.get(f"{m}_p_holm_min") is not None for m in PIXEL_METRICS)
+    if e.get("differs"):
+        return "differs: " + ", ".join(e["differs"])
+    return "same" if tested else MISSING
 
 
 def precision_cells(e: dict) -> list[str]:
@@ -82,7 +138,7 @@ def precision_cells(e: dict) -> list[str]:
     return [str(e["backbone"]), str(e["init"]), str(e["method"]), e["precision"], str(e["n_categories"]),
             pct(e.get("image_auroc")), _signed_pct(e.get("image_auroc_delta")),
             MISSING if p is None else f"{p:.2g}" + (" (worse)" if e.get("worse") else ""),
-            _signed_pct(e.get("pixel_auroc_delta")), _signed_pct(e.get("aupro_delta")),
+            _delta_p(e, "pixel_auroc"), _delta_p(e, "aupro"), _verdict(e),
             fmt(e.get("backbone_ms_b1_min"), 2), fmt(e.get("backbone_ms_b1_min_fp32"), 2),
             MISSING if e.get("speedup") is None else f"{e['speedup']:.2f}x"]
 
@@ -91,8 +147,25 @@ def precision_markdown(entries: list[dict]) -> str:
     """The precision table (empty string when no configuration ran in another precision than fp32)."""
     if not entries:
         return ""
-    lines = ["**Backbone precision against fp32** (same test images; differences in percentage points; paired "
-             "DeLong test per category, Holm over categories; speed-up = fp32 / this backbone ms at batch 1).", "",
+    lines = [f"**Backbone precision against fp32** ({NOTE})", "",
              "| " + " | ".join(HEAD) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(HEAD) - 4)) + "|"]
     lines += ["| " + " | ".join(md_escape(c) for c in precision_cells(e)) + " |" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+NOTE = ("same test images; differences in percentage points; p = the smallest Holm-adjusted p over categories: "
+        "paired DeLong test of image AUROC, paired bootstrap z-test of pixel AUROC and AUPRO; 'at 5 %': same = no "
+        "category differs significantly in any metric; speed-up = fp32 / this backbone ms at batch 1, from the "
+        "study's final round-robin timing where it has one (both precisions in the same interleaved rounds), else "
+        "from separate jobs (then not side by side: benchmarks/precision.py times them round-robin)")
+
+
+def precision_html(entries: list[dict]) -> str:
+    """The precision table as an HTML fragment for ``report.html`` (empty string without entries)."""
+    if not entries:
+        return ""
+    head = "".join(f"<th>{escape(h)}</th>" for h in HEAD)
+    body = "".join("<tr>" + "".join(f'<td{"" if j < 4 or j == 10 else " class=n"}>{escape(c)}</td>'
+                                    for j, c in enumerate(precision_cells(e))) + "</tr>" for e in entries)
+    return (f'<p class="muted">{escape(NOTE[0].upper() + NOTE[1:])}.</p><div class="scroll"><table><thead><tr>{head}'
+            f"</tr></thead><tbody>{body}</tbody></table></div>")

@@ -1,8 +1,10 @@
 """Recommendation: the best backbone + method under a per-image latency budget, in plain words.
 
 Latency of a configuration = backbone forward ms/img at batch 1 + the method's predict ms/img, each the minimum over
-short repeats and jobs where the store has it (see ``tables.ranking``). Configurations without a measured latency
-cannot be checked against a budget and are left out of it.
+short repeats and jobs where the store has it (see ``tables.ranking``); where the study re-timed its backbones
+round-robin at its end (``final_timing``), the backbone part is that minimum, and when the load exceeded the cores
+while it ran the recommendation says so. Configurations without a measured latency cannot be checked against a
+budget and are left out of it.
 
 Criterion (``rank_by``; the report's ``--rank-by``, the study spec's ``rank_by``):
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adspine.report.tables import config_label, fmt, mean_std, pct
+from adspine.report.tables import backbone_b1, config_label, fmt, load_note, mean_std, pct
 
 
 @dataclass
@@ -112,7 +114,7 @@ def _describe(e: dict) -> str:
         parts.append(f"AUPRO {mean_std(e, 'aupro')} %")
     if e.get("max_in_mask_mean") is not None:
         parts.append(f"max-in-mask {pct(e['max_in_mask_mean'])} %")
-    b1 = e.get("backbone_ms_b1_min") if e.get("backbone_ms_b1_min") is not None else e.get("backbone_ms_b1")
+    b1 = backbone_b1(e)
     pr = e.get("predict_ms_min") if e.get("predict_ms_min") is not None else e.get("predict_ms")
     lat = f"{fmt(e['total_ms_b1'])} ms/img (backbone {fmt(b1)} + method {fmt(pr)}; {e.get('latency_basis')})"
     parts.append(lat)
@@ -172,6 +174,8 @@ def recommend(entries: list[dict], budget_ms: float | None, runners: int = 3, ra
         if fastest is not None and fastest is not rec.best:
             lines.append(f"The fastest configuration is {config_label(fastest)} at {fmt(fastest['total_ms_b1'])} "
                          f"ms/img with image AUROC {pct(fastest['image_auroc_mean'])} %.")
+    if timed and load_note(timed):
+        lines.append(load_note(timed))
     rec.warning = shortcut_warning(entries, baselines)
     if rec.warning:
         lines.append(rec.warning)

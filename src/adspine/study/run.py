@@ -188,7 +188,42 @@ def _run(plan: Plan, store: ResultStore, ex, db: str | Path, show_progress: bool
         except BaseException:  # the job(s) it was running: released, even when claimed an instant ago
             claims.release_all()
             raise
+    if plan.spec.timing.final:  # not reached after Ctrl-C, SIGTERM or a full disk (they raise above)
+        record_final_timing(plan, store, console, ran=summary.done > 0)
     return summary
+
+
+def record_final_timing(plan: Plan, store: ResultStore, console=None, ran: bool = True) -> None:
+    """Re-time the backbones of the study's finished jobs round-robin in this (the driver's) process and store them
+    apart from the per-job figures (``timing.final_timing``); the report's speed statements use them. Done when
+    this run finished a job or the study has no final timing yet; a failure is reported and the study goes on."""
+    import logging
+
+    from adspine.study.timing import final_timing
+
+    log = logging.getLogger(__name__)
+    done = store.done_job_ids()
+    jobs = [j for j in plan.jobs if j.job_id in done]
+    if not jobs or (not ran and store.final_timings(plan.spec.name)):
+        return
+    try:
+        rows, problems = final_timing(plan.spec, jobs)
+    except Exception as e:  # noqa: BLE001 - the per-job figures remain; never stops the study
+        if is_disk_full(e):
+            raise
+        rows, problems = [], [f"final timing failed: {type(e).__name__}: {e}".splitlines()[0]]
+    for line in problems:
+        log.warning("%s", line)
+    if rows:
+        store.record_final_timing(rows)
+    if console is not None and rows:
+        r = rows[0]
+        load = " -> ".join("?" if v is None else f"{v:.1f}" for v in (r["load_before"], r["load_after"]))
+        busy = max((v for v in (r["load_before"], r["load_after"]) if v is not None), default=0.0) > r["cores"]
+        console.print(f"final timing: {len(rows)} backbone configuration(s) re-timed round-robin in "
+                      f"{r['wall_s']:.1f} s ({r['repeats']} rounds; 1-minute load {load} on {r['cores']} usable "
+                      f"core(s){'; busier than the cores: the report says so' if busy else ''})",
+                      soft_wrap=True, markup=False, highlight=False)
 
 
 def record_baselines(plan: Plan, store: ResultStore, console=None) -> None:

@@ -139,6 +139,10 @@ class TimingSpec(_Strict):
     # torch threads while timing: 1 by default, the figure least disturbed by other processes (several threads wait
     # for each other at every layer when the cores are shared) and comparable between machines; None = the job's
     threads: int | None = Field(1, ge=1)
+    # at the end of a study, re-time every backbone configuration round-robin in one process (study.timing
+    # .final_timing; the report's speed statements use it) for about ``final_budget_s`` after building them
+    final: bool = True
+    final_budget_s: float = Field(3.0, gt=0)
 
 
 class UncertaintySpec(_Strict):

@@ -5,7 +5,8 @@ so two runners on one store split the work and a process killed mid-job (e.g. ou
 run: its job becomes ``killed`` and is retried automatically once; killed again, it is skipped unless asked to retry
 (a job that runs out of memory must not loop). Each method's result is committed as it ends
 (``failed`` with its error when it raised), then the job row is finished as ``done`` or ``failed``. An interrupted
-study loses nothing that had finished. ``rows()`` returns the flat view the reports and exports read.
+study loses nothing that had finished. ``rows()`` returns the flat view the reports and exports read. The backbones
+re-timed round-robin at the end of a study run sit apart from the per-job figures (``final_timing``).
 
 The schema carries a version (``meta`` table); opening an older store adds the missing columns in place.
 """
@@ -164,10 +165,37 @@ BASELINE_COLUMNS: dict[str, str] = {  # trivial shortcut baselines (adspine.base
     "test_scores": "BLOB",
     "computed_at": "TEXT",
 }
+FINAL_TIMING_COLUMNS: dict[str, str] = {  # backbones re-timed round-robin at the end of a study (timing.final_timing)
+    "study": "TEXT",
+    "timed_at": "TEXT",  # UTC; the same for every configuration timed together (one study run)
+    "backbone": "TEXT",
+    "init": "TEXT",
+    "init_seed": "INTEGER",
+    "precision": "TEXT",
+    "layers": "TEXT",  # JSON list of module names, as in jobs.layers
+    "image_height": "INTEGER",
+    "image_width": "INTEGER",
+    "device": "TEXT",
+    "threads": "INTEGER",  # torch threads while timing (compared with jobs.timing_threads)
+    "batch_n": "INTEGER",
+    "backbone_ms_b1_min": "REAL",  # minimum over the interleaved rounds, ms per image (the report uses this)
+    "backbone_ms_b1": "REAL",  # median
+    "backbone_ms_bn_min": "REAL",
+    "backbone_ms_bn": "REAL",
+    "repeats": "INTEGER",  # interleaved rounds
+    "configurations": "INTEGER",  # configurations timed together in those rounds
+    "wall_s": "REAL",
+    "load_before": "REAL",  # 1-minute load average before and after the rounds
+    "load_after": "REAL",
+    "cores": "INTEGER",  # CPU cores usable by the timing process (its affinity)
+    "host_cpu": "TEXT",
+    "host_gpu": "TEXT",
+}
 _TABLES = {"jobs": (JOB_COLUMNS, ""), "results": (RESULT_COLUMNS, ", UNIQUE(job_id, method, rd_seed)"),
            "examples": (EXAMPLE_COLUMNS, ""), "studies": (STUDY_COLUMNS, ""),
            "baselines": (BASELINE_COLUMNS, ", UNIQUE(dataset, category, protocol, image_height, image_width, "
-                                           "baseline)")}
+                                           "baseline)"),
+           "final_timing": (FINAL_TIMING_COLUMNS, "")}
 _BLOBS = ("amap", "mask", "test_labels", "test_scores", "pixel_boot")
 
 
@@ -491,12 +519,26 @@ class ResultStore:
 
     def baselines(self, dataset: str | None = None) -> list[dict[str, Any]]:
         """Stored trivial baselines (none in stores written before they existed)."""
-        if "baseline" not in self._columns.get("baselines", set()):
+        return [_decode(r) for r in self._table_rows("baselines", "baseline", "dataset", dataset)]
+
+    def record_final_timing(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Keep one study run's final round-robin backbone timings (one row per configuration)."""
+        rows = [_clean(r, FINAL_TIMING_COLUMNS) for r in rows]
+        self._write(lambda: [self._insert("final_timing", r) for r in rows])
+
+    def final_timings(self, study: str | None = None) -> list[dict[str, Any]]:
+        """Stored final timings, oldest first (none in stores written before they existed)."""
+        return self._table_rows("final_timing", "timed_at", "study", study)
+
+    def _table_rows(self, table: str, marker: str, key: str, value: str | None) -> list[dict[str, Any]]:
+        """Rows of a table added in a later version (none where the store predates it: ``marker`` column absent),
+        oldest first, optionally only those whose ``key`` equals ``value``."""
+        if marker not in self._columns.get(table, set()):
             return []
-        q, args = "SELECT * FROM baselines", ()
-        if dataset is not None:
-            q, args = q + " WHERE dataset = ?", (dataset,)
-        return [_decode(dict(r)) for r in self._con.execute(q + " ORDER BY rowid", args)]
+        q, args = f"SELECT * FROM {table}", ()
+        if value is not None:
+            q, args = q + f" WHERE {key} = ?", (value,)
+        return [dict(r) for r in self._con.execute(q + " ORDER BY rowid", args)]
 
     def examples(self, job_id: str, method: str, rd_seed: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM examples WHERE job_id = ? AND method = ? AND rd_seed IS ? ORDER BY idx"

@@ -11,10 +11,16 @@ Conventions recorded with every result:
   before the method and ``VmHWM`` read from ``/proc/self/status`` after it (``KernelPeak``); the increment above the
   resident size just before the method is stored too. Where that is unavailable a 5 ms sampling thread is the fallback
   and the record says so (``source``).
+- final timing (``final_timing``, spec ``timing.final``): at the end of a study every distinct backbone
+  configuration of its finished jobs is built once and all are timed round-robin in ONE ``time_interleaved`` call
+  (batch 1 and batch N of each per round), so a burst of load hits every configuration alike; the 1-minute load
+  before and after and the usable cores are recorded beside the figures. The report's speed statements use these;
+  the per-job backbone figures stay in the job rows and methods' latency stays the per-job minimum.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -24,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,6 +139,119 @@ def load_average() -> float | None:
         return float(os.getloadavg()[0])
     except (OSError, AttributeError):
         return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; all logical CPUs where the OS has no such call)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+FINAL_MIN_ROUNDS = 5  # interleaved rounds of the final timing at least (capped by the spec's ``timing.repeats``)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """What decides a backbone's speed in a job (threads are the final timing's own, one value for all)."""
+
+    backbone: str
+    init: str
+    init_seed: int | None
+    layers: str | tuple[str, ...]
+    image_size: tuple[int, int]
+    precision: str
+    device: str
+
+    @classmethod
+    def of(cls, job) -> "BackboneConfig":
+        return cls(job.backbone, job.init, job.init_seed, job.layers, tuple(job.image_size), job.precision,
+                   job.device)
+
+
+def backbone_configs(jobs: Sequence) -> dict[BackboneConfig, Any]:
+    """Distinct backbone configurations of ``jobs`` (plan ``Job``s) in order, each with its first job."""
+    out: dict[BackboneConfig, Any] = {}
+    for job in jobs:
+        out.setdefault(BackboneConfig.of(job), job)
+    return out
+
+
+def _build(spec, job):
+    """The job's extractor, built as ``job.run_job`` builds it (int8: calibrated on its normal training images)."""
+    from adspine.backbones import build_extractor
+    from adspine.study.job import int8_extractor
+    from adspine.study.plan import scan
+
+    layers = job.layers if isinstance(job.layers, str) else list(job.layers)
+    extractor = build_extractor(job.backbone, init=job.init, layers=layers, device=job.device,
+                                precision="fp32" if job.precision == "int8" else job.precision,
+                                **({"init_seed": job.init_seed} if job.init_seed is not None else {}))
+    if job.precision == "int8":
+        extractor = int8_extractor(extractor, scan(job, verify=False).train, spec)
+    return extractor
+
+
+def final_timing(spec, jobs: Sequence, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Re-time the backbone of every distinct configuration of ``jobs`` round-robin in this process.
+
+    Each configuration is built once; batch 1 and batch ``timing.batch_n`` of every configuration are timed in ONE
+    ``time_interleaved`` call (``timing.warmup`` rounds, at least one, then at least ``FINAL_MIN_ROUNDS`` rounds up to
+    ``timing.repeats``, more while ``timing.final_budget_s`` lasts) on seeded random images of the job's size (the
+    speed of these networks does not depend on pixel values), with ``timing.threads`` torch threads. Returns the
+    rows for the store's ``final_timing`` table (one per configuration that could be built) and one line per
+    configuration that could not (it keeps its per-job figures)."""
+    t = spec.timing
+    threads = t.threads or spec.threads or torch.get_num_threads()
+    bn = t.batch_n
+    built, problems = [], []
+    for config, job in backbone_configs(jobs).items():
+        try:
+            built.append((config, _build(spec, job)))
+        except Exception as e:  # noqa: BLE001 - that configuration keeps its per-job figures
+            problems.append(f"{job.label()}: final timing skipped ({type(e).__name__}: {e})".splitlines()[0])
+    if not built:
+        return [], problems
+    gen = torch.Generator().manual_seed(seed)
+    images: dict[tuple, torch.Tensor] = {}
+    for config, _ in built:
+        key = (config.image_size, config.device)
+        if key not in images:
+            images[key] = torch.rand(bn, 3, *config.image_size, generator=gen).to(config.device)
+    fns, per = [], []
+    for config, extractor in built:
+        x = images[(config.image_size, config.device)]
+        fns += [lambda m=extractor, x=x: m(x[:1]), lambda m=extractor, x=x: m(x)]
+        per += [1, bn]
+    device = built[0][0].device
+    with torch_threads(threads), torch.inference_mode():
+        load_before, start = load_average(), time.perf_counter()
+        lat = time_interleaved(fns, max(t.warmup, 1), min(t.repeats, FINAL_MIN_ROUNDS), t.final_budget_s, t.repeats,
+                               device, per=per)  # fresh networks: at least one untimed round
+        wall_s, load_after = time.perf_counter() - start, load_average()
+    cores, when = usable_cores(), _now()
+    rows = []
+    for k, (config, extractor) in enumerate(built):
+        b1, b_n = lat[2 * k], lat[2 * k + 1]
+        h, w = config.image_size
+        rows.append({
+            "study": spec.name, "timed_at": when, "backbone": config.backbone, "init": config.init,
+            "init_seed": config.init_seed, "precision": config.precision,
+            "layers": json.dumps([r.name for r in extractor.layer_info(config.image_size)]),
+            "image_height": h, "image_width": w, "device": config.device, "threads": threads, "batch_n": bn,
+            "backbone_ms_b1_min": b1.min, "backbone_ms_b1": b1.median, "backbone_ms_bn_min": b_n.min,
+            "backbone_ms_bn": b_n.median, "repeats": b1.repeats, "configurations": len(built), "wall_s": wall_s,
+            "load_before": load_before, "load_after": load_after, "cores": cores, "host_cpu": host_cpu(),
+            "host_gpu": host_gpu(config.device),
+        })
+    return rows, problems
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @torch.inference_mode()
