@@ -16,7 +16,8 @@ def report(
     ),
     rank_by: Optional[str] = typer.Option(
         None, "--rank-by", help="Ranking and recommendation criterion: auto (localisation where masks exist), image "
-        "or localisation (never recommend a model whose AUPRO or pixel AUROC is significantly below the best's). "
+        "or localisation (never recommend a model whose AUPRO or pixel AUROC is significantly more than 5 / 2 points "
+        "below the best's). "
         "Default: the study spec's rank_by, else auto."
     ),
 ) -> None:

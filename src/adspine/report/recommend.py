@@ -9,8 +9,9 @@ budget and are left out of it.
 Criterion (``rank_by``; the report's ``--rank-by``, the study spec's ``rank_by``):
 
 * ``image``: mean image AUROC, then pixel AUROC, then speed.
-* ``localisation``: a configuration whose AUPRO or pixel AUROC is significantly below the best's (paired bootstrap
-  over test images, Holm, 5 %: ``significance.compare_localisation``) is never recommended; the others are ranked
+* ``localisation``: a configuration whose AUPRO or pixel AUROC is significantly more than a margin (AUPRO 5, pixel
+  AUROC 2 points) below the best's (one-sided paired bootstrap over test images, Holm, 5 %:
+  ``significance.compare_localisation``) is never recommended; the others are ranked
   by image AUROC, then AUPRO, then speed (configurations that could not be tested come after the tested ones).
   A high image AUROC can come from global appearance (brightness, framing) while the maps miss the defects.
 * ``auto`` (default): ``localisation`` where the dataset has pixel masks, else ``image``.
@@ -79,8 +80,9 @@ def order(entries: list[dict], mode: str) -> list[dict]:
 def criterion_text(mode: str, rank_by: str | None) -> str:
     if mode == "localisation":
         why = "the dataset has pixel masks" if (rank_by or "auto") == "auto" else "asked for (--rank-by)"
-        return (f"Criterion: localisation ({why}): a configuration whose AUPRO or pixel AUROC is significantly below "
-                "the best's (paired bootstrap over test images, Holm, 5 %) is not recommended, since a high image "
+        return (f"Criterion: localisation ({why}): a configuration whose AUPRO or pixel AUROC is significantly more "
+                "than 5 / 2 points below the best's (one-sided paired bootstrap over test images, Holm, 5 %) is not "
+                "recommended, since a high image "
                 "AUROC alone can come from global appearance; among the rest, highest image AUROC, then AUPRO, then "
                 "speed.")
     why = ("no pixel masks" if (rank_by or "auto") != "image" else "asked for (--rank-by image)")

@@ -620,7 +620,7 @@ def ranking_cells(e: dict, pm: str = "±") -> list[str]:
 
 
 def localisation_cell(e: dict) -> str:
-    """``best``, ``ok`` (AUPRO and pixel AUROC not significantly below the best's), ``below: aupro`` or ``–``."""
+    """``best``, ``ok`` (AUPRO and pixel AUROC not materially below the best's), ``below: aupro`` or ``–``."""
     loc = e.get("localisation")
     if loc == "below":
         return "below: " + ", ".join(m.replace("_", " ") for m in e.get("localisation_below", []))
@@ -631,8 +631,8 @@ def ranking_note(entries: list[dict], mode: str = "image") -> str:
     """What the ranking's numbers are, stated from the data actually present (``mode``: the ranking criterion)."""
     if mode == "localisation":
         parts = ["Ranked on localisation (masks exist): configurations whose AUPRO or pixel ROC-AUC is "
-                 "significantly below the best's ('localisation' = below; paired bootstrap over test images, "
-                 "Holm, 5 %) come last; within each group by mean image ROC-AUC (%), then AUPRO. Per Rd seed the "
+                 "significantly more than 5 / 2 points below the best's ('localisation' = below; one-sided paired "
+                 "bootstrap over test images, Holm, 5 %) come last; within each group by mean image ROC-AUC (%), then AUPRO. Per Rd seed the "
                  "mean over categories, then mean ± sample std (ddof=1) over seeds."]
     else:
         parts = ["Ranked by mean image ROC-AUC (%): per Rd seed the mean over categories, then mean ± sample std "
