@@ -123,3 +123,21 @@ def test_bad_arguments_and_non_empty_output(tmp_path, small):
     out = generate(tmp_path / "re", seed=1, categories=["wood"], **SMALL)
     generate(out, seed=2, categories=["nut"], overwrite=True, **SMALL)
     assert list_categories(out) == ["nut"]
+
+
+def test_shortcut_darkens_only_the_defective_test_images(tmp_path):
+    from adspine.data.synth import generate
+
+    kw = dict(seed=2, size=64, n_train=2, n_test_good=2, n_per_defect=1, categories=["fabric"])
+    plain, dark = generate(tmp_path / "plain", **kw), generate(tmp_path / "dark", shortcut=0.25, **kw)
+    files = sorted(p.relative_to(plain) for p in plain.rglob("*.png"))
+    assert files == sorted(p.relative_to(dark) for p in dark.rglob("*.png"))
+    for rel in files:
+        a = np.asarray(Image.open(plain / rel)).astype(float)
+        b = np.asarray(Image.open(dark / rel)).astype(float)
+        if "test" in rel.parts and "good" not in rel.parts:
+            np.testing.assert_allclose(b, np.round(a * 0.75), atol=0)
+        else:  # train, good test images and masks unchanged
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(DatasetError, match="shortcut=1.0"):
+        generate(tmp_path / "bad", shortcut=1.0, **kw)

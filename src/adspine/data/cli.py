@@ -62,6 +62,8 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic dataset in --out.")] = False,
     aspect: Annotated[int, typer.Option(help="Images this many times as wide as high (rows of squares).")] = 1,
     masks: Annotated[bool, typer.Option(help="Write ground-truth masks (--no-masks: image-level only).")] = True,
+    shortcut: Annotated[float, typer.Option(help="Defective test images darker overall by this fraction (a global "
+                                            "cue for the shortcut check; 0 = none).")] = 0.0,
 ) -> None:
     """Generate the synthetic MVTec-format dataset (3 textures, 2 objects, exact masks), deterministic by seed."""
     from adspine.data.synth import generate
@@ -69,7 +71,7 @@ def synth(
     start = time.perf_counter()
     root = generate(out, seed=seed, size=size, n_train=n_train, n_test_good=n_test_good,
                     n_per_defect=n_per_defect, categories=category or None, overwrite=overwrite, aspect=aspect,
-                    masks=masks)
+                    masks=masks, shortcut=shortcut)
     images = sum(1 for p in root.rglob("*.png") if "ground_truth" not in p.parts)
     console.print(f"wrote {images} images to {escape(str(root))} (seed {seed}) in {time.perf_counter() - start:.1f} s")
 

@@ -392,16 +392,21 @@ def generate(
     overwrite: bool = False,
     aspect: int = 1,
     masks: bool = True,
+    shortcut: float = 0.0,
 ) -> Path:
     """Write the synthetic MVTec-format dataset and ``adspine_dataset.json`` into ``out``; returns ``out``.
 
     ``aspect``: images ``aspect`` times as wide as high; ``masks=False``: no ``ground_truth`` (image level only).
+    ``shortcut`` in [0, 1): defective test images are also darker overall by this fraction (pixel values times
+    ``1 - shortcut``), a global cue that trivial baselines pick up: a test of whether a ranking sees the defect.
     ``out`` must be absent or empty, or hold an earlier synthetic dataset and ``overwrite`` be set."""
     out = Path(out)
     for name, value, low in (("size", size, MIN_SIZE), ("n_train", n_train, 1), ("n_test_good", n_test_good, 1),
                              ("n_per_defect", n_per_defect, 1), ("seed", seed, 0), ("aspect", aspect, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DatasetError(f"{name}={value!r}: must be an integer >= {low}")
+    if not 0.0 <= shortcut < 1.0:
+        raise DatasetError(f"shortcut={shortcut!r}: must be in [0, 1)")
     chosen = list(CATEGORIES) if categories is None else list(categories)
     for name in chosen:
         if name not in CATEGORIES:
@@ -421,7 +426,8 @@ def generate(
                 gt.mkdir(parents=True)
             for i in range(n_per_defect):
                 bad, mask = render_row(category, seed, 2 + DEFECTS.index(defect), i, size, aspect)
-                _save_png(bad, folder / f"{i:03d}.png")
+                _save_png(np.round(bad * (1.0 - shortcut)).astype(np.uint8) if shortcut else bad,
+                          folder / f"{i:03d}.png")
                 if masks:
                     _save_png(mask.astype(np.uint8) * 255, gt / f"{i:03d}_mask.png")
     meta = {
@@ -432,6 +438,7 @@ def generate(
             "size": size,
             "aspect": aspect,
             "masks": masks,
+            "shortcut": shortcut,
             "n_train": n_train,
             "n_test_good": n_test_good,
             "n_per_defect": n_per_defect,
