@@ -97,6 +97,8 @@ def test_localisation_criterion_never_recommends_poor_maps(tmp_path):
     assert SHORTCUT in rec  # the baseline 0.975 lies within A's interval
     md = (tmp_path / "out" / "tables" / "ranking_d.md").read_text()
     assert "| ref | trivial: intensity mean/std |" in md and SHORTCUT in md
+    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    assert body[0].startswith("| ref |") and body[1].startswith("| 1 |")  # the reference row heads the table
     fam = (tmp_path / "out" / "tables" / "d_f.md").read_text()
     assert "trivial baseline (image)" in fam and "97.5 (intensity mean/std)" in fam
     html = (tmp_path / "out" / "report.html").read_text()

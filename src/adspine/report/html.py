@@ -79,15 +79,15 @@ def family_table_html(t: FamilyTable) -> str:
 def ranking_html(entries: list[dict], baselines: list[dict] | None = None) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in RANKING_HEAD)
     body = []
+    for b in baselines or ():  # the reference first: what no CNN reaches on this split
+        tds = "".join(f'<td{"" if j in (1, 2, 3) else " class=n"}>{escape(c)}</td>'
+                      for j, c in enumerate(baseline_cells(b)))
+        body.append(f'<tr class="ref">{tds}</tr>')
     for e in entries:
         cells = ranking_cells(e)
         cls = ' class="close"' if e.get("is_best") or e.get("indistinguishable_from_best") else ""
         tds = "".join(f'<td{"" if j in (1, 2, 3) else " class=n"}>{escape(c)}</td>' for j, c in enumerate(cells))
         body.append(f"<tr{cls}>{tds}</tr>")
-    for b in baselines or ():
-        tds = "".join(f'<td{"" if j in (1, 2, 3) else " class=n"}>{escape(c)}</td>'
-                      for j, c in enumerate(baseline_cells(b)))
-        body.append(f'<tr class="ref">{tds}</tr>')
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 

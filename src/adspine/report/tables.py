@@ -678,10 +678,10 @@ def ranking_markdown(entries: list[dict], dataset: str, mode: str = "image", bas
         "| " + " | ".join(RANKING_HEAD) + " |",
         "|" + "|".join(["---:", "---", "---", "---", "---"] + ["---:"] * (len(RANKING_HEAD) - 5)) + "|",
     ]
+    for b in baselines or ():  # the reference first: what no CNN reaches on this split
+        lines.append("| " + " | ".join(md_escape(c) for c in baseline_cells(b)) + " |")
     for e in entries:
         lines.append("| " + " | ".join(md_escape(c) for c in ranking_cells(e)) + " |")
-    for b in baselines or ():
-        lines.append("| " + " | ".join(md_escape(c) for c in baseline_cells(b)) + " |")
     if warning:
         lines += ["", f"**{md_escape(warning)}**"]
     return "\n".join(lines) + "\n"
@@ -697,12 +697,12 @@ def ranking_latex(entries: list[dict], dataset: str, mode: str = "image", baseli
         r"\begin{tabular}{rllll" + "r" * (len(RANKING_HEAD) - 5) + "}", r"\toprule",
         " & ".join(latex_escape(h) for h in RANKING_HEAD) + r" \\", r"\midrule",
     ]
-    for e in entries:
-        out.append(" & ".join(latex_escape(c) for c in ranking_cells(e)) + r" \\")
+    for b in baselines or ():  # the reference first
+        out.append(" & ".join(latex_escape(c) for c in baseline_cells(b)) + r" \\")
     if baselines:
         out.append(r"\midrule")
-    for b in baselines or ():
-        out.append(" & ".join(latex_escape(c) for c in baseline_cells(b)) + r" \\")
+    for e in entries:
+        out.append(" & ".join(latex_escape(c) for c in ranking_cells(e)) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
@@ -762,7 +762,7 @@ def baseline_cells(b: dict) -> list[str]:
 def baseline_note(baselines: list[dict] | None) -> str:
     if not baselines:
         return ""
-    return (" Rows 'ref': trivial baselines (no CNN, same split and preprocessing: raw pixels at 32 px nearest "
+    return (" Rows 'ref' (first): trivial baselines (no CNN, same split and preprocessing: raw pixels at 32 px nearest "
             "neighbour, grey-level mean/std, colour histogram), image ROC-AUC with its 95 % DeLong interval; a "
             "baseline close to the top means the image-level figures measure global appearance.")
 
