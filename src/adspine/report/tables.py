@@ -632,8 +632,8 @@ def ranking_note(entries: list[dict], mode: str = "image") -> str:
     if mode == "localisation":
         parts = ["Ranked on localisation (masks exist): configurations whose AUPRO or pixel ROC-AUC is "
                  "significantly more than 5 / 2 points below the best's ('localisation' = below; one-sided paired "
-                 "bootstrap over test images, Holm, 5 %) come last; within each group by mean image ROC-AUC (%), then AUPRO. Per Rd seed the "
-                 "mean over categories, then mean ± sample std (ddof=1) over seeds."]
+                 "bootstrap over test images, Holm, 5 %) come last; within each group by mean image ROC-AUC (%), "
+                 "then AUPRO. Per Rd seed the mean over categories, then mean ± sample std (ddof=1) over seeds."]
     else:
         parts = ["Ranked by mean image ROC-AUC (%): per Rd seed the mean over categories, then mean ± sample std "
                  "(ddof=1) over seeds."]
