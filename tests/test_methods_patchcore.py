@@ -398,3 +398,27 @@ def test_save_load_roundtrip_and_corruption(tmp_path):
 def test_separates_synthetic_defects():
     img, pix = mf.check_separation(PatchCore(), min_image_auroc=0.85)  # measured 1.0
     print(f"PatchCore R18 random init: image AUROC {img:.3f}, pixel AUROC {pix:.3f}")
+
+
+@pytest.mark.parametrize("name, settings", [("patchcore", {"coreset_ratio": 0.5}), ("spade", {"k": 2})])
+def test_predict_inside_inference_mode_equals_predict_outside(name, settings):
+    """Autograd modes are per thread: the search threads must run under the caller's (in-place updates of tensors
+    made under inference_mode are refused outside it)."""
+    from adspine.methods import build_method
+
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(4, 8, 16, 16, generator=gen), torch.randn(4, 16, 8, 8, generator=gen),
+            torch.randn(4, 32, 4, 4, generator=gen)]
+    method = build_method(name, **settings)
+    method.fit([maps])
+    queries = [torch.randn(3, *m.shape[1:], generator=gen) for m in maps]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # two search threads, whatever the machine (the work is split per torch thread)
+    try:
+        with torch.no_grad():
+            plain = method.predict(queries, (64, 64))
+        with torch.inference_mode():
+            inside = method.predict([q.clone() for q in queries], (64, 64))
+    finally:
+        torch.set_num_threads(old)
+    np.testing.assert_array_equal(inside.scores, plain.scores)

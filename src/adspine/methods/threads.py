@@ -19,16 +19,22 @@ R = TypeVar("R")
 
 def map_one_thread_each(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
     """``[fn(i) for i in items]`` with torch on one thread meanwhile: on ``workers`` Python threads (default: one per
-    item; faiss also runs one thread in each), or here when there is one item. The caller's thread count is restored."""
+    item; faiss also runs one thread in each, under the caller's autograd mode), or here when there is one item. The
+    caller's thread count is restored."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if len(items) <= 1:
             return [fn(i) for i in items]
 
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
         def in_worker(item: T) -> R:
             faiss.omp_set_num_threads(1)  # this worker thread's OpenMP setting; the caller's is its own
-            return fn(item)
+            # autograd modes are per thread: the caller's (e.g. inference_mode, whose tensors may only be updated
+            # in place inside it) carry over to the worker
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(item)
 
         with ThreadPoolExecutor(min(workers or len(items), len(items))) as pool:
             return list(pool.map(in_worker, items))
