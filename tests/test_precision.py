@@ -236,6 +236,10 @@ def test_study_runs_one_job_per_precision_and_stores_it(tmp_path, synth):
 
     db = tmp_path / "r.sqlite"
     spec = _write(tmp_path / "s.yaml", _spec(synth, precisions=["fp32", "bf16"]))
+    dry = CliRunner().invoke(app, ["study", str(spec), "--db", str(db), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    header = next(line for line in dry.output.splitlines() if "job id" in line)
+    assert "precision" in header and sum(line.rstrip().endswith(" bf16") for line in dry.output.splitlines()) == 1
     res = CliRunner().invoke(app, ["study", str(spec), "--db", str(db), "--no-progress"])
     assert res.exit_code == 0, res.output
     with ResultStore(db, readonly=True) as store:

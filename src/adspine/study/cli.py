@@ -109,6 +109,9 @@ def print_dry_run(p, notes: dict[str, str] | None = None) -> float:
                     ("train/test", {"justify": "right", "no_wrap": True}),
                     ("GFLOPs", {"justify": "right", "no_wrap": True}), ("est.", {"justify": "right", "no_wrap": True})):
         table.add_column(col, **kw)
+    precisions = {j.precision for j in jobs}
+    if precisions != {"fp32"}:  # a precision axis: say which job is which
+        table.add_column("precision", no_wrap=True)
     notes = notes or {}
     if notes:
         table.add_column("note", overflow="fold")
@@ -120,7 +123,7 @@ def print_dry_run(p, notes: dict[str, str] | None = None) -> float:
         imgs = f"{e['n_train']}/{e['n_test']}" + ("" if e["data_found"] else "?")
         table.add_row(j.job_id, f"{j.dataset}/{j.category}", j.backbone, j.init, imgs,
                       "?" if e["flops"] is None else f"{e['flops'] / 1e9:.2f}", human_seconds(e["seconds"]),
-                      *([note] if notes else []))
+                      *([j.precision] if precisions != {"fp32"} else []), *([note] if notes else []))
     from rich.console import Console
 
     wide = console if console.is_terminal else Console(width=max(console.width, 130), file=console.file)
