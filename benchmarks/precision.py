@@ -5,8 +5,9 @@ precision on synthetic categories.
         [--size 224] [--batches 1,8] [--repeats 5] [--threads 2] [--compile] [--quality] [--quality-size 128]
 
 Variants, timed round-robin in one process (``study.timing.time_interleaved``, ms per image, min and median):
-torch fp32 eager, torch bf16 (autocast + channels_last), torch.compile fp32 (``--compile``), ONNX Runtime fp32,
-OpenVINO fp32 / bf16 / int8 (NNCF, calibrated on synthetic normal training images). The floors are torch.mm
+torch fp32 eager, torch bf16 (autocast + channels_last), torch.compile fp32 (``--compile``), ONNX Runtime fp32 and
+int8 (``quantize_static``, QDQ), OpenVINO fp32 / bf16 / int8 (NNCF); both int8 variants calibrated on the same
+synthetic normal training images. Before timing, each variant's feature fidelity against torch fp32 is printed. The floors are torch.mm
 (4096 x 4096) @ (4096 x 1024) in fp32 and bf16; ``x floor`` is ms/img over the backbone's FLOPs at that rate (fp32
 variants against the fp32 floor, bf16 against the bf16 floor; int8 has no torch floor). Backbones are random-init
 (latency does not depend on weights); ``--quality`` fits PaDiM (Detector, d=100) per precision on each synthetic
@@ -62,8 +63,6 @@ def calibration(size: int, root: Path):
 
 def onnx_runner(extractor, size: int, path: Path, threads: int):
     """The extractor (normalisation inside) exported to ONNX and run by onnxruntime."""
-    import onnxruntime as ort
-
     from adspine.backbones.openvino_backend import _Normalised
 
     names = [f"map{i}" for i in range(len(extractor.layer_names))]
@@ -72,10 +71,36 @@ def onnx_runner(extractor, size: int, path: Path, threads: int):
         torch.onnx.export(_Normalised(extractor).eval(), (torch.rand(1, 3, size, size),), str(path), dynamo=False,
                           opset_version=17, input_names=["image"], output_names=names,
                           dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}})
+    return ort_session(path, threads)
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"image": x.numpy()})
+
+
+def ort_int8_runner(fp32_onnx: Path, calib, threads: int):
+    """ONNX Runtime's post-training static quantisation (QDQ, per-channel weights, MinMax) of the exported backbone,
+    calibrated on the same normal images as OpenVINO's int8: the alternative to NNCF, timed beside it."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": calib.images[i:i + 1].numpy()} for i in range(len(calib.images))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared, out = fp32_onnx.with_suffix(".pre.onnx"), fp32_onnx.with_suffix(".int8.onnx")
+    quant_pre_process(str(fp32_onnx), str(prepared))
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return ort_session(out, threads)
 
 
 def variants(name: str, size: int, calib, tmp: Path, threads: int, compiled: bool) -> dict:
@@ -83,15 +108,31 @@ def variants(name: str, size: int, calib, tmp: Path, threads: int, compiled: boo
     from adspine.backbones.openvino_backend import build_openvino_extractor
 
     fp32 = build_extractor(name, init="random", layers="thesis")
-    bf16 = copy.deepcopy(fp32).set_precision("bf16")
+    bf16 = copy.deepcopy(fp32).set_precision("bf16")  # same weights (the extractor returns to eval mode itself)
     out = {"torch fp32": fp32, "torch bf16": bf16}
     if compiled:
         body = torch.compile(fp32.body)
         out["torch.compile fp32"] = lambda x: body((x - fp32._mean) / fp32._std)
     out["onnxruntime fp32"] = onnx_runner(fp32, size, tmp / f"{name}.onnx", threads)
+    out["onnxruntime int8"] = ort_int8_runner(tmp / f"{name}.onnx", calib, threads)
     for p in ("fp32", "bf16", "int8"):
         out[f"openvino {p}"] = build_openvino_extractor(fp32, p, calib if p == "int8" else None, threads)
     return out
+
+
+def fidelity(name: str, runs: dict, calib) -> None:
+    """Per variant, the worst layer's cosine similarity and relative error of its feature maps against torch fp32 on
+    4 normal calibration images (what the int8 choice between NNCF and ONNX Runtime rests on, beside speed)."""
+    x = calib.images[:4]
+    with torch.inference_mode():
+        ref = [np.asarray(m, np.float64) for m in runs["torch fp32"](x)]
+        for label, run in runs.items():
+            if label == "torch fp32":
+                continue
+            got = [np.asarray(m, np.float64) for m in run(x)]
+            cos = min(float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())) for a, b in zip(ref, got))
+            rel = max(float(np.linalg.norm(a - b) / np.linalg.norm(a)) for a, b in zip(ref, got))
+            print(f"{name:24s} fidelity {label:22s} cosine >= {cos:.5f}, relative error <= {rel:.4f}", flush=True)
 
 
 def latency_table(args, calib, tmp: Path, floors: dict) -> None:
@@ -102,6 +143,7 @@ def latency_table(args, calib, tmp: Path, floors: dict) -> None:
     for name in args.backbones.split(","):
         gflop = build_extractor(name, init="random", layers="thesis").flops(args.size) / 1e9
         runs = variants(name, args.size, calib, tmp, args.threads, args.compile)
+        fidelity(name, runs, calib)
         for batch in args.batch_list:
             x = torch.rand(batch, 3, args.size, args.size)
             fns = [(lambda f=f: f(x)) for f in runs.values()]

@@ -167,3 +167,14 @@ def test_ibn_extractor_runs():
     ext = build_extractor("resnet50_ibn_a", init="random")
     maps = ext(torch.rand(1, 3, 64, 64))
     assert [m.shape[1] for m in maps] == [256, 512, 1024] and ext.strides == [4, 8, 16]
+
+
+def test_a_deep_copy_runs_in_eval_mode_and_gives_the_same_features():
+    """torch.fx rebuilds a copied graph's modules in training mode; BatchNorm would then use batch statistics."""
+    import copy
+
+    ext = build_extractor("resnet18", init="random", layers="thesis")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(ext)
+    for a, b in zip(ext(x), twin(x)):
+        assert torch.equal(a, b)

@@ -292,6 +292,8 @@ class FeatureExtractor(nn.Module):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
+        if any(m.training for m in self.body.modules()):  # after copy.deepcopy: torch.fx rebuilds its modules
+            self.eval()  # in training mode, where BatchNorm would use the batch's statistics
         with torch.inference_mode():
             x = (images.to(self._mean.device, torch.float32) - self._mean) / self._std
             if self.precision == "fp32":
