@@ -195,5 +195,8 @@ def test_data_baselines_cli(tmp_path):
     for name in bl.BASELINES:
         assert name in res.output
     assert "100.0" in res.output  # the intensity statistics separate the darker defective images
+    piped = [line.split("\t") for line in res.output.splitlines() if "\t" in line]  # CliRunner: not a terminal
+    assert piped[0] == ["category", "baseline", "image AUROC %", "95 % CI"]
+    assert {r[1] for r in piped[1:]} == set(bl.BASELINES) and all(r[0] == "plate" for r in piped[1:])
     bad = CliRunner().invoke(app, ["data", "baselines", str(root), "--category", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output and "Traceback" not in bad.output

@@ -14,7 +14,6 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from adspine.clitools import TableFormat, fail, print_table
 from adspine.data.errors import DatasetError
@@ -214,6 +213,9 @@ def baselines(
     mask_pattern: Annotated[str | None, typer.Option(help="Mask file name, e.g. '{stem}.png' (mvtec, folder).")] = None,
     protocol: Annotated[str, typer.Option(help="Preprocessing as in the study: paper, resize, aspect-crop.")] = "paper",
     size: Annotated[int, typer.Option(help="Model input side in pixels, as in the study.")] = 224,
+    output_format: Annotated[TableFormat | None, typer.Option(help="table, plain (tab-separated lines), csv or json "
+                                                              "(default: table on a terminal, plain when piped).")]
+    = None,
 ) -> None:
     """Trivial baselines per category, no CNN (raw pixels at 32 px nearest neighbour, grey-level mean/std, colour
     histogram): image AUROC with its 95 % DeLong interval. One close to what a backbone reaches means the image-level
@@ -222,13 +224,13 @@ def baselines(
     from adspine.data import list_categories, scan
 
     cats = category or list_categories(root, format)
-    table = Table(title=f"{escape(str(root))}: trivial baselines ({protocol}, {size} px)", show_edge=False)
-    for column in ("category", "baseline", "image AUROC %", "95 % CI"):
-        table.add_column(column, justify="right" if column[0] in "i9" else "left")
+    rows = []
     for cat in cats:
         data = scan(root, cat, format=format, masks="optional", mask_pattern=mask_pattern)
         for r in category_baselines(data, protocol, size):
             ci = "–" if r["image_auroc_lo"] is None else \
                 f"[{100 * r['image_auroc_lo']:.1f}, {100 * r['image_auroc_hi']:.1f}]"
-            table.add_row(escape(cat), r["baseline"], f"{100 * r['image_auroc']:.1f}", ci)
-    console.print(table)
+            rows.append([cat, r["baseline"], f"{100 * r['image_auroc']:.1f}", ci])
+    right = {"justify": "right"}
+    print_table(["category", "baseline", ("image AUROC %", right), ("95 % CI", right)], rows, fmt=output_format,
+                title=f"{root}: trivial baselines ({protocol}, {size} px)", console=console, show_edge=False)
